@@ -1,0 +1,220 @@
+"""Typed configuration of a run: model, diffusion and training hyper-parameters.
+
+A `Config` is what a preset fixes and what every checkpoint and MLflow run stores. Any field
+can be overridden with a dotted `section.field=value` string (`train.lr=1e-5`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import typing
+from dataclasses import dataclass, field
+from typing import Any
+
+VARIANCE_TYPES = ("fixedlarge", "fixedsmall")
+BETA_SCHEDULES = ("linear",)
+GROUPNORM_GROUPS = 32
+
+
+class ConfigError(ValueError):
+    """A configuration value or override that cannot be used."""
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """The U-Net of App. B (`unet2d16b2*` in the official code)."""
+
+    resolution: int
+    ch: int = 128
+    ch_mult: tuple[int, ...] = (1, 2, 2, 2)
+    num_res_blocks: int = 2
+    attn_resolutions: tuple[int, ...] = (16,)
+    dropout: float = 0.0
+    in_channels: int = 3
+    out_channels: int = 3
+    # Recompute each block's activations in backward: less memory at 256², same numbers.
+    gradient_checkpointing: bool = False
+
+    def __post_init__(self) -> None:
+        if self.resolution <= 0:
+            raise ConfigError(f"model.resolution must be positive, got {self.resolution}")
+        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
+            raise ConfigError(f"model.ch_mult must be positive integers, got {self.ch_mult}")
+        for mult in (1, *self.ch_mult):
+            if (self.ch * mult) % GROUPNORM_GROUPS:
+                raise ConfigError(
+                    f"model.ch * ch_mult must be a multiple of {GROUPNORM_GROUPS} for GroupNorm, "
+                    f"got ch={self.ch}, ch_mult={self.ch_mult}"
+                )
+        downsamples = len(self.ch_mult) - 1
+        if self.resolution % (2**downsamples):
+            raise ConfigError(
+                f"model.resolution {self.resolution} is not divisible by 2**{downsamples} "
+                f"(one halving per level of ch_mult={self.ch_mult})"
+            )
+        levels = {self.resolution // 2**i for i in range(len(self.ch_mult))}
+        unreachable = sorted(set(self.attn_resolutions) - levels)
+        if unreachable:
+            raise ConfigError(
+                f"model.attn_resolutions {unreachable} are not U-Net levels; levels are {sorted(levels)}"
+            )
+        if self.num_res_blocks < 1:
+            raise ConfigError(f"model.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+
+@dataclass(frozen=True)
+class DiffusionConfig:
+    """The forward process and the reverse-process variance (§2, §4; App. B)."""
+
+    timesteps: int = 1000
+    beta_schedule: str = "linear"
+    beta_start: float = 1e-4
+    beta_end: float = 0.02
+    # sigma_t^2 = beta_t ("fixedlarge", CIFAR-10) or beta~_t ("fixedsmall", the 256x256 models).
+    variance: str = "fixedlarge"
+    # Clip the x0 prediction to [-1, 1] while sampling, as the official sampler.
+    clip_denoised: bool = True
+
+    def __post_init__(self) -> None:
+        if self.timesteps < 1:
+            raise ConfigError(f"diffusion.timesteps must be >= 1, got {self.timesteps}")
+        if self.beta_schedule not in BETA_SCHEDULES:
+            raise ConfigError(
+                f"diffusion.beta_schedule {self.beta_schedule!r} is unknown; choose one of {BETA_SCHEDULES}"
+            )
+        if not 0.0 < self.beta_start <= self.beta_end < 1.0:
+            raise ConfigError(
+                f"diffusion betas need 0 < beta_start <= beta_end < 1, got {self.beta_start}, {self.beta_end}"
+            )
+        if self.variance not in VARIANCE_TYPES:
+            raise ConfigError(
+                f"diffusion.variance {self.variance!r} is unknown; choose one of {VARIANCE_TYPES}"
+            )
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """The optimisation recipe of App. B and the official `run_*.py` scripts."""
+
+    lr: float = 2e-4
+    batch_size: int = 128  # global batch, whatever the number of workers
+    warmup_steps: int = 5000  # linear warm-up, then constant
+    grad_clip: float = 1.0  # global-norm clip
+    ema_decay: float = 0.9999
+    adam_betas: tuple[float, float] = (0.9, 0.999)
+    adam_eps: float = 1e-8
+    random_flip: bool = True
+    steps: int = 800_000
+
+    def __post_init__(self) -> None:
+        if self.lr <= 0:
+            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        if self.batch_size < 1:
+            raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
+        if self.warmup_steps < 0 or self.steps < 0:
+            raise ConfigError(
+                f"train.warmup_steps and train.steps must be >= 0, got {self.warmup_steps}, {self.steps}"
+            )
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
+        if self.grad_clip <= 0:
+            raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
+
+
+@dataclass(frozen=True)
+class Config:
+    """Everything a run needs to rebuild its model and diffusion; stored with every checkpoint."""
+
+    preset: str
+    model: ModelConfig
+    diffusion: DiffusionConfig = field(default_factory=DiffusionConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    notes: str = ""
+
+    def to_dict(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> Config:
+        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
+        if unknown:
+            raise ConfigError(f"unknown config sections {sorted(unknown)}")
+        sections = {
+            "model": ModelConfig,
+            "diffusion": DiffusionConfig,
+            "train": TrainConfig,
+        }
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in sections}
+        for name, section_cls in sections.items():
+            if name in data:
+                kwargs[name] = _section_from_dict(section_cls, name, data[name])
+        return cls(**kwargs)
+
+    def flat(self) -> dict[str, Any]:
+        """`section.field -> value`, the shape MLflow params take."""
+        out: dict[str, Any] = {"preset": self.preset}
+        for section in ("model", "diffusion", "train"):
+            for key, value in dataclasses.asdict(getattr(self, section)).items():
+                out[f"{section}.{key}"] = value
+        return out
+
+    def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> Config:
+        """Apply `section.field=value` strings; values are parsed by the field's type."""
+        config = self
+        for item in overrides:
+            key, sep, raw = item.partition("=")
+            section, dot, name = key.strip().partition(".")
+            if not sep or not dot:
+                raise ConfigError(f"override {item!r} must look like section.field=value (e.g. train.lr=1e-5)")
+            if section not in ("model", "diffusion", "train"):
+                raise ConfigError(f"override {item!r}: unknown section {section!r}; use model, diffusion or train")
+            current = getattr(config, section)
+            fields = {f.name: f for f in dataclasses.fields(current)}
+            if name not in fields:
+                raise ConfigError(f"override {item!r}: {section} has no field {name!r}; fields are {sorted(fields)}")
+            hint = typing.get_type_hints(type(current))[name]
+            value = _parse_value(raw.strip(), hint, item)
+            config = dataclasses.replace(config, **{section: dataclasses.replace(current, **{name: value})})
+        return config
+
+
+def _section_from_dict(section_cls: type, name: str, data: dict[str, Any]) -> Any:
+    hints = typing.get_type_hints(section_cls)
+    unknown = set(data) - set(hints)
+    if unknown:
+        raise ConfigError(f"unknown {name} fields {sorted(unknown)}")
+    # JSON turns tuples into lists; restore them so configs compare equal after a round trip.
+    return section_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+
+
+def _parse_value(raw: str, hint: Any, item: str) -> Any:
+    try:
+        if hint is bool:
+            lowered = raw.lower()
+            if lowered in ("1", "true", "yes", "on"):
+                return True
+            if lowered in ("0", "false", "no", "off"):
+                return False
+            raise ValueError(raw)
+        if hint is int:
+            number = float(raw)  # accepts 8e5 as well as 800000
+            if not number.is_integer():
+                raise ValueError(raw)
+            return int(number)
+        if hint is float:
+            return float(raw)
+        if hint is str:
+            return raw
+        if typing.get_origin(hint) is tuple:
+            element = typing.get_args(hint)[0]
+            parts = [p for p in raw.strip("()[] ").split(",") if p.strip()]
+            return tuple(element(p.strip()) for p in parts)
+    except ValueError:
+        raise ConfigError(f"override {item!r}: {raw!r} is not a valid {getattr(hint, '__name__', hint)}") from None
+    raise ConfigError(f"override {item!r}: fields of type {hint} cannot be overridden")

@@ -1,0 +1,59 @@
+"""One optimisation step of the paper's recipe (App. B, official `utils.make_optimizer`, `run_training`).
+
+Adam (eps 1e-8, no weight decay), lr warmed up linearly over 5,000 steps then constant,
+gradients clipped to global norm 1.0, EMA updated after every step, loss L_simple (Eq. 14).
+The same step runs in one process or under DDP (where backward all-reduces the gradients).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from .config import TrainConfig
+from .diffusion import GaussianDiffusion
+from .ema import EMA
+
+
+def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
+    # foreach: one fused kernel per parameter group instead of one per tensor.
+    return torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
+                            weight_decay=0.0, foreach=True)
+
+
+def learning_rate(step: int, config: TrainConfig) -> float:
+    """lr · min(step / warmup, 1), the official `get_warmed_up_lr` (step = updates done so far)."""
+    if config.warmup_steps == 0:
+        return config.lr
+    return config.lr * min(step / config.warmup_steps, 1.0)
+
+
+@dataclass
+class StepResult:
+    loss: float
+    grad_norm: float
+    lr: float
+    applied: bool  # False when the loss or gradient was not finite and the update was skipped
+
+
+def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer, ema: EMA,
+               x0: torch.Tensor, step: int, config: TrainConfig, generator: torch.Generator | None = None) -> StepResult:
+    """One update on batch `x0` (images in [-1, 1]); a non-finite loss or gradient skips the update."""
+    lr = learning_rate(step, config)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+    optimizer.zero_grad(set_to_none=True)
+    loss = diffusion.training_loss(model, x0, generator=generator).mean()
+    loss.backward()
+    grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
+    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
+    applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    if applied:
+        optimizer.step()
+        ema.update(model, step)
+    else:
+        optimizer.zero_grad(set_to_none=True)
+    return StepResult(loss=loss_value, grad_norm=norm_value, lr=lr, applied=applied)

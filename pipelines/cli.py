@@ -1,0 +1,67 @@
+"""The `ddpm` command: one subcommand per job of the pipeline.
+
+Subcommands import their job lazily, so `ddpm presets` starts fast and needs neither Ray nor MLflow.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ddpm_core.model_stats import preset_summary
+from ddpm_core.presets import PRESETS
+
+TABLE_COLUMNS = (
+    ("name", "preset", "{}"),
+    ("resolution", "res", "{}"),
+    ("parameters", "params", "{:,}"),
+    ("gflops_per_image", "GFLOPs/img", "{:.2f}"),
+    ("lr", "lr", "{:g}"),
+    ("batch_size", "batch", "{}"),
+    ("dropout", "dropout", "{:g}"),
+    ("variance", "variance", "{}"),
+    ("random_flip", "flip", "{}"),
+    ("steps", "steps", "{:,}"),
+)
+
+
+def format_table(rows: list[dict]) -> str:
+    cells = [[header for _, header, _ in TABLE_COLUMNS]]
+    cells += [[fmt.format(row[key]) for key, _, fmt in TABLE_COLUMNS] for row in rows]
+    widths = [max(len(line[i]) for line in cells) for i in range(len(TABLE_COLUMNS))]
+    lines = ["  ".join(cell.rjust(w) if i else cell.ljust(w) for i, (cell, w) in enumerate(zip(line, widths)))
+             for line in cells]
+    return "\n".join([lines[0], "  ".join("-" * w for w in widths), *lines[1:]])
+
+
+def run_presets(args: argparse.Namespace) -> int:
+    rows = [preset_summary(config) for config in PRESETS.values()]
+    if args.json:
+        print(json.dumps(rows, indent=2))
+    else:
+        print(format_table(rows))
+        print("\nGFLOPs: one forward pass on one image (2 FLOPs per multiply-add). "
+              "`ddpm presets --json` adds each preset's provenance notes.")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
+    commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    presets = commands.add_parser(
+        "presets", help="list the named configurations",
+        description="Every preset: resolution, parameter count, forward GFLOPs per image, learning rate, "
+                    "global batch, dropout, reverse-process variance, random flips and training steps.")
+    presets.add_argument("--json", action="store_true", help="print the same fields (and notes) as JSON")
+    presets.set_defaults(run=run_presets)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    return args.run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
