@@ -1,0 +1,74 @@
+import dataclasses
+import json
+
+import pytest
+
+from ddpm_core.config import Config, ConfigError, ModelConfig
+from ddpm_core.presets import PRESETS, get_preset
+
+
+def test_paper_hyper_parameters():
+    cifar = get_preset("cifar10")
+    assert (cifar.model.ch, cifar.model.ch_mult, cifar.model.num_res_blocks) == (128, (1, 2, 2, 2), 2)
+    assert (cifar.model.attn_resolutions, cifar.model.dropout) == ((16,), 0.1)
+    assert (cifar.train.lr, cifar.train.batch_size, cifar.diffusion.variance) == (2e-4, 128, "fixedlarge")
+    for name in ("celebahq256", "lsun_bedroom256", "lsun_church256", "lsun_cat256"):
+        c = get_preset(name)
+        assert (c.model.resolution, c.model.ch, c.model.ch_mult) == (256, 128, (1, 1, 2, 2, 4, 4))
+        assert (c.model.dropout, c.train.lr, c.train.batch_size, c.diffusion.variance) == (0.0, 2e-5, 64, "fixedsmall")
+    for c in PRESETS.values():
+        if c.preset in ("tiny", "demo"):
+            continue
+        d, t = c.diffusion, c.train
+        assert (d.timesteps, d.beta_start, d.beta_end, d.beta_schedule, d.clip_denoised) == (1000, 1e-4, 0.02, "linear", True)
+        assert (t.warmup_steps, t.grad_clip, t.ema_decay, t.adam_eps, t.adam_betas) == (5000, 1.0, 0.9999, 1e-8, (0.9, 0.999))
+    assert get_preset("lsun_bedroom256").train.random_flip is False  # the paper: no flips for bedroom
+    assert get_preset("lsun_bedroom256_large").model.ch == 192
+
+
+def test_overrides_parse_by_field_type_and_leave_the_preset_alone():
+    base = get_preset("cifar10")
+    config = base.with_overrides(["train.lr=1e-5", "train.steps=8e5", "model.attn_resolutions=16,8",
+                                  "train.random_flip=false", "diffusion.variance=fixedsmall", "model.dropout=0"])
+    assert config.train.lr == 1e-5 and config.train.steps == 800_000
+    assert config.model.attn_resolutions == (16, 8)
+    assert config.train.random_flip is False and config.diffusion.variance == "fixedsmall"
+    assert base.train.lr == 2e-4  # presets are immutable
+
+
+def test_round_trip_through_json():
+    config = get_preset("celebahq256").with_overrides(["train.lr=3e-5"])
+    assert Config.from_dict(json.loads(config.to_json())) == config
+    flat = config.flat()
+    assert flat["train.lr"] == 3e-5 and flat["model.ch_mult"] == (1, 1, 2, 2, 4, 4) and flat["preset"] == "celebahq256"
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr", "must look like section.field=value"),
+        ("optim.lr=1", "unknown section 'optim'"),
+        ("train.learning_rate=1", "train has no field 'learning_rate'"),
+        ("train.steps=1.5", r"'1.5' is not a valid int"),
+        ("train.random_flip=maybe", "'maybe' is not a valid bool"),
+        ("diffusion.variance=learned", "diffusion.variance 'learned' is unknown"),
+        ("model.ch=48", "multiple of 32 for GroupNorm"),
+        ("model.attn_resolutions=12", r"attn_resolutions \[12\] are not U-Net levels"),
+    ],
+)
+def test_bad_overrides_get_one_clear_error(override, message):
+    with pytest.raises(ConfigError, match=message):
+        get_preset("cifar10").with_overrides([override])
+
+
+def test_unknown_preset_names_the_choices():
+    with pytest.raises(ConfigError, match=r"unknown preset 'cifar100'; choose one of cifar10, celebahq256"):
+        get_preset("cifar100")
+
+
+def test_resolution_must_halve_cleanly():
+    with pytest.raises(ConfigError, match="resolution 36 is not divisible by 2\\*\\*3"):
+        dataclasses.replace(get_preset("cifar10").model, resolution=36)
+    with pytest.raises(ConfigError, match="unknown model fields"):
+        Config.from_dict({"preset": "x", "model": {"resolution": 32, "width": 3}})
+    assert ModelConfig(resolution=32).ch_mult == (1, 2, 2, 2)
