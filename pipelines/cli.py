@@ -46,6 +46,12 @@ def run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
+def run_shard(args: argparse.Namespace) -> int:
+    from pipelines.shard import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -55,6 +61,14 @@ def build_parser() -> argparse.ArgumentParser:
                     "global batch, dropout, reverse-process variance, random flips and training steps.")
     presets.add_argument("--json", action="store_true", help="print the same fields (and notes) as JSON")
     presets.set_defaults(run=run_presets)
+
+    shard = commands.add_parser(
+        "shard", help="shard LSUN / CelebA-HQ / an image folder / CIFAR-10 into WebDataset tars",
+        description="Run the sharding job (pipelines/shard.py): one Ray task per shard, resumable.")
+    from pipelines.shard import add_arguments
+
+    add_arguments(shard)
+    shard.set_defaults(run=run_shard)
     return parser
 
 

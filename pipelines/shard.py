@@ -1,0 +1,103 @@
+"""Ray job: shard LSUN / CelebA-HQ / an image folder / CIFAR-10 into WebDataset tars on disk or S3.
+
+    python pipelines/shard.py --source lsun --input /data/bedroom_train_lmdb --out s3://bucket/lsun-bedroom-256
+    ray job submit --working-dir . -- python pipelines/shard.py --source folder --input /data/imgs --out ...
+
+One Ray task per shard; re-running the same command resumes, skipping finished shards.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import time
+
+from ddpm_core.image_prep import ENCODINGS, FILTERS, Preprocess
+from ddpm_core.sharding import DatasetError, ShardJob, build_shard
+from ddpm_core.sources import SourceError, open_source
+from ddpm_core.storage import StorageError, open_storage
+
+log = logging.getLogger("ddpm.shard")
+SOURCES = ("lsun", "celebahq", "folder", "cifar10")
+DEFAULT_FILTER = {"lsun": "lanczos", "celebahq": "box", "folder": "lanczos", "cifar10": "lanczos"}
+
+
+def add_arguments(parser: argparse.ArgumentParser, source: str | None = None) -> None:
+    if source is None:
+        parser.add_argument("--source", required=True, choices=SOURCES, help="kind of input")
+    parser.add_argument("--input", "--lmdb", dest="input", required=True,
+                        help="LSUN LMDB folder, image folder or zip, or CIFAR-10 python folder")
+    parser.add_argument("--out", required=True, help="dataset root: local path, file:// or s3://bucket/prefix")
+    parser.add_argument("--resolution", type=int, default=256, help="output side in pixels (default 256)")
+    parser.add_argument("--filter", choices=sorted(FILTERS), default=None,
+                        help="resize filter after the centre crop (default: lanczos; box for celebahq)")
+    parser.add_argument("--encoding", choices=ENCODINGS, default="png", help="lossless image encoding")
+    parser.add_argument("--per-shard", type=int, default=1000, help="samples per shard (default 1000)")
+    parser.add_argument("--limit", type=int, default=None, help="use only the first N inputs")
+    parser.add_argument("--parallel", type=int, default=None, help="shard tasks in flight (default: CPUs)")
+    parser.add_argument("--split", default="train", help="split name in shard names (default train)")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
+
+
+def run(args: argparse.Namespace) -> int:
+    # Imported here so that `ddpm --help` and the argument parser load without Ray.
+    import ray
+
+    from pipelines.ray_runtime import configure_logging, init_ray
+
+    configure_logging()
+    source_kind = args.source
+    try:
+        source = open_source(source_kind, args.input, split=args.split)
+        preprocess = Preprocess(args.resolution, args.filter or DEFAULT_FILTER[source_kind], args.encoding)
+        storage = open_storage(args.out)
+        storage.check_writable()
+        job = ShardJob(source, preprocess, storage, args.split, args.per_shard, args.limit)
+        todo, done = job.pending()
+    except (SourceError, StorageError, DatasetError, ValueError) as error:
+        log.error("%s", error)
+        return 2
+    log.info("%s: %d inputs in %d shards; %d already finished, %d to build",
+             storage.uri, sum(p.count for p in job.plans), len(job.plans), len(done), len(todo))
+
+    results = list(done)
+    if todo:
+        init_ray(args.address)
+        task = ray.remote(num_cpus=1, max_retries=3)(build_shard)
+        source_ref = ray.put(source)
+        limit = args.parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
+        queue, in_flight, start, images = list(todo), [], time.monotonic(), 0
+        while queue or in_flight:
+            while queue and len(in_flight) < limit:
+                in_flight.append(task.remote(source_ref, preprocess, queue.pop(0), args.split, storage))
+            finished, in_flight = ray.wait(in_flight, num_returns=1)
+            result = ray.get(finished[0])
+            results.append(result)
+            images += result.num_samples + len(result.rejects)
+            elapsed = time.monotonic() - start
+            log.info("shards %d/%d, images %d, %.1f images/s", len(results), len(job.plans),
+                     sum(r.num_samples for r in results), images / elapsed)
+    try:
+        dataset = job.finalize(results)
+    except (StorageError, DatasetError) as error:
+        log.error("%s", error)
+        return 2
+    counts = dataset["counts"]
+    log.info("done: %s — %d written, %d rejected of %d inputs in %d shards; fingerprint %s",
+             storage.uri, counts["written"], counts["rejected"], counts["inputs"], counts["shards"],
+             dataset["fingerprint"][:16])
+    return 0
+
+
+def main(argv: list[str] | None = None, source: str | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, source)
+    args = parser.parse_args(argv)
+    if source is not None:
+        args.source = source
+    return run(args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
