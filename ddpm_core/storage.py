@@ -148,15 +148,18 @@ _clients = threading.local()
 
 
 def s3_client():
-    """One boto3 S3 client per process and thread (clients must never cross processes)."""
-    client = getattr(_clients, "client", None)
-    if client is None or getattr(_clients, "pid", None) != os.getpid():
+    """One boto3 S3 client per process and thread (clients must never cross processes).
+
+    Rebuilt when the endpoint or credentials in the environment change (rotated keys, tests).
+    """
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    identity = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
+    if getattr(_clients, "identity", None) != identity:
         import boto3
         from botocore.config import Config
 
-        endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
         config = Config(
-            retries={"mode": "standard", "max_attempts": 10},
+            retries={"mode": "standard"},  # 3 attempts unless AWS_MAX_ATTEMPTS says otherwise
             connect_timeout=10,
             read_timeout=120,
             max_pool_connections=32,
@@ -165,9 +168,9 @@ def s3_client():
             s3={"addressing_style": "path"} if endpoint else {},
         )
         region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
-        _clients.client, _clients.pid = client, os.getpid()
-    return client
+        _clients.client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        _clients.identity = identity
+    return _clients.client
 
 
 def describe_s3_error(error: Exception, uri: str) -> str:
@@ -185,7 +188,7 @@ def describe_s3_error(error: Exception, uri: str) -> str:
         if code in ("AccessDenied", "403", "Forbidden"):
             return f"access denied to {uri} ({code})"
         if code in ("NoSuchBucket", "404", "NotFound"):
-            return f"bucket of {uri} does not exist ({code})"
+            return f"the bucket of {uri} does not exist"
         return f"S3 error for {uri}: {code or error}"
     return f"S3 error for {uri}: {error}"
 
@@ -257,11 +260,11 @@ class S3Storage(Storage):
     def check_writable(self) -> None:
         probe = self._key(".ddpm-write-probe")
         try:
-            s3_client().head_bucket(Bucket=self.bucket)
+            # A PUT, not a HEAD: its error body says why (NoSuchBucket, InvalidAccessKeyId, AccessDenied).
             s3_client().put_object(Bucket=self.bucket, Key=probe, Body=b"")
             s3_client().delete_object(Bucket=self.bucket, Key=probe)
         except Exception as error:  # noqa: BLE001
-            raise StorageError(f"output {self.uri} is not writable: {describe_s3_error(error, self.uri)}") from None
+            raise StorageError(describe_s3_error(error, self.uri)) from None
 
 
 def open_storage(uri: str | os.PathLike) -> Storage:
