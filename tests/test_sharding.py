@@ -194,3 +194,19 @@ def test_bad_inputs_fail_before_any_work_with_one_clear_error(tmp_path, caplog, 
     monkeypatch.setenv("AWS_ENDPOINT_URL", "http://127.0.0.1:9")  # nothing listens on the discard port
     monkeypatch.setenv("AWS_MAX_ATTEMPTS", "1")
     fails(lsun + ["--out", f"s3://{s3_bucket}/x"], "cannot reach the S3 endpoint")
+
+
+def test_ray_job_submit_runs_the_lsun_job_on_a_running_cluster(tmp_path, ray_head):
+    make_lsun_lmdb(tmp_path / "lmdb", n=12, corrupt=1, seed=8)
+    ray_cli = str(Path(sys.executable).parent / "ray")
+    submit = [ray_cli, "job", "submit", "--address", ray_head, "--working-dir", str(REPO), "--",
+              "python", "pipelines/shard_lsun.py", "--lmdb", str(tmp_path / "lmdb"), "--out", str(tmp_path / "out"),
+              "--per-shard", "5", "--resolution", "32"]
+    refused = subprocess.run(submit, env={**os.environ, "RAY_AUTH_MODE": "disabled"}, capture_output=True, text=True)
+    assert refused.returncode != 0  # the cluster keeps token authentication on
+    done = subprocess.run(submit, env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True,
+                          timeout=300)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert "11 written, 1 rejected of 12 inputs in 3 shards" in done.stdout + done.stderr
+    info = json.loads((tmp_path / "out" / "dataset.json").read_text())
+    assert info["counts"]["written"] == 11 and (tmp_path / "out" / "manifest.parquet").is_file()
