@@ -26,6 +26,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/unet_cpu.py
+	$(BIN)/python bench/shard_throughput.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
