@@ -10,6 +10,7 @@ import subprocess
 import sys
 import tarfile
 import time
+import zipfile
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +20,7 @@ from PIL import Image
 
 from ddpm_core.storage import s3_client
 from pipelines.shard import main as shard_main
-from tests.datasets import make_cifar_batches, make_image_folder, make_lsun_lmdb
+from tests.datasets import make_cifar_batches, make_image_folder, make_lsun_lmdb, photo_like
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -79,14 +80,14 @@ def test_lsun_lmdb_to_local_folder(tmp_path, ray_local):
 
 def test_lsun_lmdb_to_s3_gives_the_same_bytes_as_local_disk(tmp_path, ray_local, s3_bucket):
     kinds = make_lsun_lmdb(tmp_path / "lmdb", n=24, corrupt=1, seed=3)
-    args = ["--source", "lsun", "--input", str(tmp_path / "lmdb"), "--per-shard", "8", "--resolution", "64"]
+    args = ["--source", "lsun", "--input", str(tmp_path / "lmdb"), "--per-shard", "8"]
     assert shard_main(args + ["--out", f"s3://{s3_bucket}/lsun/v1"]) == 0
     assert shard_main(args + ["--out", str(tmp_path / "local")]) == 0
 
     def read_s3(name):
         return s3_client().get_object(Bucket=s3_bucket, Key=f"lsun/v1/{name}")["Body"].read()
 
-    check_dataset(read_s3, kinds, resolution=64)
+    check_dataset(read_s3, kinds)
     for name in ("manifest.parquet", "rejects.parquet", "shards/train-000000.tar", "shards/train-000002.tar"):
         assert read_s3(name) == (tmp_path / "local" / name).read_bytes()
     head = s3_client().head_object(Bucket=s3_bucket, Key="lsun/v1/shards/train-000001.tar")
@@ -159,6 +160,23 @@ def test_image_folder_and_cifar10_batches_shard_correctly(tmp_path, ray_local):
         pixels = np.asarray(Image.open(io.BytesIO(samples[f"{i:05d}"]["png"])))
         assert np.array_equal(pixels, images[i])
         assert json.loads(samples[f"{i:05d}"]["json"])["source_key"] == f"train/{i}"
+
+
+def test_celebahq_zip_is_box_filtered(tmp_path, ray_local):
+    rng = np.random.default_rng(9)
+    with zipfile.ZipFile(tmp_path / "celeba_hq.zip", "w") as archive:
+        for i in range(3):
+            buffer = io.BytesIO()
+            photo_like(rng, 64, 64).save(buffer, format="PNG")
+            archive.writestr(f"CelebA-HQ-img/{i}.png", buffer.getvalue())
+    out = tmp_path / "celebahq"
+    assert shard_main(["--source", "celebahq", "--input", str(tmp_path / "celeba_hq.zip"), "--out", str(out),
+                       "--resolution", "16"]) == 0
+    samples = tar_samples((out / "shards" / "train-000000.tar").read_bytes())
+    assert sorted(samples) == [f"CelebA-HQ-img/{i}" for i in range(3)]
+    meta = json.loads(samples["CelebA-HQ-img/1"]["json"])
+    assert meta["filter"] == "box" and meta["original_size"] == [64, 64]
+    assert Image.open(io.BytesIO(samples["CelebA-HQ-img/1"]["png"])).size == (16, 16)
 
 
 def test_bad_inputs_fail_before_any_work_with_one_clear_error(tmp_path, caplog, monkeypatch, s3_bucket):
