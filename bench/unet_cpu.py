@@ -9,8 +9,8 @@ Prints figures only; it never passes or fails on time.
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import contextlib
+import dataclasses
 import statistics
 import time
 

@@ -97,7 +97,8 @@ class GaussianDiffusion:
             raise ValueError(f"timesteps must be integers, got dtype {t.dtype}")
         low, high = int(t.min()), int(t.max())
         if low < 0 or high >= self.num_timesteps:
-            raise ValueError(f"timestep out of range: got values in [{low}, {high}], expected 0..{self.num_timesteps - 1}")
+            raise ValueError(f"timestep out of range: got values in [{low}, {high}], "
+                             f"expected 0..{self.num_timesteps - 1}")
 
     @staticmethod
     def check_images(x0: torch.Tensor) -> None:
@@ -109,7 +110,8 @@ class GaussianDiffusion:
             raise ValueError(f"images must be scaled to [-1, 1] (x / 127.5 - 1); got values in [{low:.4g}, {high:.4g}]")
 
     @staticmethod
-    def _randn(shape: Sequence[int], generators: Sequence[torch.Generator] | None, device: torch.device) -> torch.Tensor:
+    def _randn(shape: Sequence[int], generators: Sequence[torch.Generator] | None,
+               device: torch.device) -> torch.Tensor:
         if generators is None:
             return torch.randn(tuple(shape), device=device)
         if len(generators) != shape[0]:
@@ -267,7 +269,8 @@ class GaussianDiffusion:
         so the row varies only through λ. Returns one image per λ.
         """
         if x_a.shape != x_b.shape or x_a.ndim != 3:
-            raise ValueError(f"interpolate takes two images of the same shape (C, H, W); got {tuple(x_a.shape)}, {tuple(x_b.shape)}")
+            raise ValueError("interpolate takes two images of the same shape (C, H, W); "
+                             f"got {tuple(x_a.shape)}, {tuple(x_b.shape)}")
         pair = torch.stack([x_a, x_b]).to(device)
         self.check_images(pair)
         steps = torch.full((2,), t, device=device, dtype=torch.long)
@@ -303,7 +306,8 @@ class GaussianDiffusion:
         device = torch.device(device)
         kept = list(timesteps) if timesteps is not None else self.ddim_timesteps(steps)
         if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
-            raise ValueError(f"DDIM timesteps must be strictly increasing within 0..{self.num_timesteps - 1}; got {kept}")
+            raise ValueError("DDIM timesteps must be strictly increasing within "
+                             f"0..{self.num_timesteps - 1}; got {kept}")
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {eta}")
         x = self._randn(shape, generators, device)

@@ -40,7 +40,8 @@ class StepResult:
 
 
 def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer, ema: EMA,
-               x0: torch.Tensor, step: int, config: TrainConfig, generator: torch.Generator | None = None) -> StepResult:
+               x0: torch.Tensor, step: int, config: TrainConfig,
+               generator: torch.Generator | None = None) -> StepResult:
     """One update on batch `x0` (images in [-1, 1]); a non-finite loss or gradient skips the update."""
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:

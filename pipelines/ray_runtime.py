@@ -11,7 +11,10 @@ log = logging.getLogger(__name__)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
-    """Join the cluster at `address` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray."""
+    """Join the cluster at `address` / RAY_ADDRESS (as under `ray job submit`), else a local Ray.
+
+    Without an address, Ray joins a cluster that `ray start` left on this machine, or starts one.
+    """
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return

@@ -42,7 +42,9 @@ def ray_local(s3_endpoint):
     """A real local Ray on 127.0.0.1 for the whole session; workers inherit the S3 endpoint."""
     import ray
 
-    ray.init(num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False, log_to_driver=False)
+    # address="local": always a new cluster, never one that `ray start` left on this machine.
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
+             log_to_driver=False)
     yield ray
     ray.shutdown()
 
@@ -65,11 +67,15 @@ def ray_head(tmp_path_factory, s3_endpoint):
 
     ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
     gcs_port, dashboard_port = free_port(), free_port()
+    # Every agent port explicit: the session's in-process Ray already holds the defaults.
+    ports = [f"--{name}={free_port()}" for name in (
+        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
     # Jobs run `python ...` from the head's PATH: make it this environment's python, as a cluster image would.
     env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
     subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                     "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    "--disable-usage-stats"], check=True, capture_output=True, env=env)
+                    "--disable-usage-stats", *ports], check=True, capture_output=True, env=env)
     address = f"http://127.0.0.1:{dashboard_port}"
     # The job agent registers a few seconds after `ray start` returns: wait until a trivial job runs.
     deadline = time.monotonic() + 120
@@ -79,6 +85,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
         if probe.returncode == 0:
             break
         if time.monotonic() > deadline:
+            subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
             raise RuntimeError(f"the Ray head never accepted a job: {probe.stderr[-2000:]}")
         time.sleep(2)
     yield address

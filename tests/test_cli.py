@@ -22,7 +22,8 @@ def test_presets_json_lists_every_preset_with_its_numbers(capsys):
     assert rows["cifar10"]["variance"] == "fixedlarge" and rows["celebahq256"]["variance"] == "fixedsmall"
     assert rows["cifar10"]["dropout"] == 0.1 and rows["lsun_cat256"]["lr"] == 2e-5
     assert 11 < rows["cifar10"]["gflops_per_image"] < 14
-    assert rows["lsun_bedroom256"]["gflops_per_image"] == pytest.approx(40 * rows["cifar10"]["gflops_per_image"], rel=0.1)
+    ratio = rows["lsun_bedroom256"]["gflops_per_image"] / rows["cifar10"]["gflops_per_image"]
+    assert ratio == pytest.approx(40, rel=0.1)
 
 
 def test_presets_table_through_the_installed_command():

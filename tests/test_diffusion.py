@@ -54,7 +54,8 @@ def test_closed_form_q_matches_iterating_the_forward_chain():
             for k in range(3):
                 samples = x[k::3]
                 closed_mean, closed_var = mean[k].item(), variance[0].item()
-                assert samples.mean().item() == pytest.approx(closed_mean, abs=5 * math.sqrt(closed_var / samples.numel()))
+                tolerance = 5 * math.sqrt(closed_var / samples.numel())
+                assert samples.mean().item() == pytest.approx(closed_mean, abs=tolerance)
                 assert samples.var().item() == pytest.approx(closed_var, rel=0.05)
 
 

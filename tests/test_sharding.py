@@ -15,7 +15,6 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow.parquet as pq
-import pytest
 from PIL import Image
 
 from ddpm_core.storage import s3_client

@@ -4,8 +4,15 @@ import pickle
 import numpy as np
 import pytest
 
-from ddpm_core.sources import (CifarSource, FolderSource, LmdbSource, SourceError, file_key, load_cifar_batch,
-                               open_source)
+from ddpm_core.sources import (
+    CifarSource,
+    FolderSource,
+    LmdbSource,
+    SourceError,
+    file_key,
+    load_cifar_batch,
+    open_source,
+)
 from tests.datasets import make_cifar_batches, make_image_folder, make_lsun_lmdb
 
 
