@@ -108,6 +108,14 @@ class TrainConfig:
     adam_eps: float = 1e-8
     random_flip: bool = True
     steps: int = 800_000
+    # How a run is carried out (no effect on the mathematics):
+    seed: int = 0
+    micro_batch: int = 0  # images per forward on one worker, with gradient accumulation; 0 = the whole share
+    checkpoint_every: int = 5000
+    keep_checkpoints: int = 2  # as the official keep_checkpoint_max
+    log_every: int = 100  # as the official TensorBoard summaries
+    sample_every: int = 10_000  # EMA sample grid to MLflow
+    max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
 
     def __post_init__(self) -> None:
         if self.lr <= 0:
@@ -122,6 +130,11 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if self.grad_clip <= 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "max_nonfinite_steps"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.micro_batch < 0:
+            raise ConfigError(f"train.micro_batch must be >= 0, got {self.micro_batch}")
 
 
 @dataclass(frozen=True)

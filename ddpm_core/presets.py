@@ -64,7 +64,8 @@ PRESETS: dict[str, Config] = {
         model=ModelConfig(resolution=16, ch=32, ch_mult=(1, 2), num_res_blocks=1,
                           attn_resolutions=(8,), dropout=0.0),
         diffusion=DiffusionConfig(variance="fixedlarge"),
-        train=TrainConfig(lr=1e-3, batch_size=16, warmup_steps=20, steps=300, random_flip=True),
+        train=TrainConfig(lr=1e-3, batch_size=16, warmup_steps=20, steps=300, random_flip=True, checkpoint_every=100,
+                          log_every=10, sample_every=100),
         notes="CPU tests: the paper's architecture at 16x16 with one level of attention. Not from the paper.",
     ),
     "demo": Config(
@@ -73,7 +74,7 @@ PRESETS: dict[str, Config] = {
                           attn_resolutions=(16,), dropout=0.0),
         diffusion=DiffusionConfig(variance="fixedlarge"),
         train=TrainConfig(lr=5e-4, batch_size=32, warmup_steps=200, steps=2000, ema_decay=0.995,
-                          random_flip=True),
+                          random_flip=True, checkpoint_every=500, log_every=20, sample_every=500),
         notes="make demo on 2 CPU cores: the paper's architecture, narrower and shallower, "
         "with a short warm-up and EMA 0.995 so minutes of training give recognisable samples.",
     ),

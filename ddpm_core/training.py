@@ -7,6 +7,7 @@ The same step runs in one process or under DDP (where backward all-reduces the g
 
 from __future__ import annotations
 
+import contextlib
 import math
 from dataclasses import dataclass
 
@@ -40,18 +41,33 @@ class StepResult:
 
 
 def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.optim.Optimizer, ema: EMA,
-               x0: torch.Tensor, step: int, config: TrainConfig,
-               generator: torch.Generator | None = None) -> StepResult:
-    """One update on batch `x0` (images in [-1, 1]); a non-finite loss or gradient skips the update."""
+               x0: torch.Tensor, step: int, config: TrainConfig, generator: torch.Generator | None = None,
+               autocast_dtype: torch.dtype | None = None) -> StepResult:
+    """One update on batch `x0` (images in [-1, 1]); a non-finite gradient skips the update.
+
+    With `config.micro_batch`, the batch runs in chunks whose gradients accumulate (DDP all-reduces
+    only after the last one). Under DDP the gradient norm is the same on every rank, so every rank
+    makes the same skip decision. `autocast_dtype` (bf16 on CUDA) wraps the forward passes only.
+    """
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:
         group["lr"] = lr
     optimizer.zero_grad(set_to_none=True)
-    loss = diffusion.training_loss(model, x0, generator=generator).mean()
-    loss.backward()
+    chunks = x0.split(config.micro_batch) if config.micro_batch else (x0,)
+    loss_total = torch.zeros((), device=x0.device)
+    for i, chunk in enumerate(chunks):
+        last = i == len(chunks) - 1
+        sync = contextlib.nullcontext() if last or not hasattr(model, "no_sync") else model.no_sync()
+        with sync:
+            with torch.autocast(x0.device.type, dtype=autocast_dtype or torch.bfloat16,
+                                enabled=autocast_dtype is not None):
+                # Sum over the chunk / whole batch: the accumulated gradient is that of the batch mean.
+                loss = diffusion.training_loss(model, chunk, generator=generator).sum() / x0.shape[0]
+            loss.backward()
+        loss_total += loss.detach().float()
     grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-    loss_value, norm_value = torch.stack([loss.detach().float(), grad_norm.float()]).tolist()
-    applied = math.isfinite(loss_value) and math.isfinite(norm_value)
+    loss_value, norm_value = torch.stack([loss_total, grad_norm.float()]).tolist()
+    applied = math.isfinite(norm_value)  # a non-finite loss makes the all-reduced norm non-finite everywhere
     if applied:
         optimizer.step()
         ema.update(model, step)

@@ -1,3 +1,4 @@
+import pytest
 import torch
 
 from ddpm_core.config import TrainConfig
@@ -67,3 +68,33 @@ def test_a_non_finite_loss_skips_the_update():
     assert not result.applied
     after = list(model.parameters())
     assert all(torch.equal(a, b) for a, b in zip(before[:-1], after[:-1]))
+
+
+def test_micro_batches_accumulate_to_the_same_gradient_as_the_whole_batch():
+    import dataclasses
+
+    config = get_preset("tiny")
+    diffusion = GaussianDiffusion.from_config(config.diffusion)
+    x0 = simple_images(8, torch.Generator().manual_seed(4))
+    grads = []
+    for micro in (0, 3):
+        torch.manual_seed(0)
+        model = UNet(config.model)
+        train = dataclasses.replace(config.train, micro_batch=micro, warmup_steps=0)
+        optimizer, ema = build_optimizer(model, train), EMA(model, train.ema_decay)
+        t = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1))
+        noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
+        chunks = iter(zip(t.split(micro or 8), noise.split(micro or 8)))
+
+        def fixed_loss(model_, chunk, generator=None):
+            t_chunk, noise_chunk = next(chunks)
+            return GaussianDiffusion.training_loss(diffusion, model_, chunk, t_chunk, noise_chunk)
+
+        diffusion.training_loss = fixed_loss
+        result = train_step(model, diffusion, optimizer, ema, x0, 1, train)
+        del diffusion.training_loss
+        grads.append((result, [p.detach().clone() for p in model.parameters()]))
+    (whole, params_whole), (micro, params_micro) = grads
+    assert micro.loss == pytest.approx(whole.loss, rel=1e-5)
+    assert micro.grad_norm == pytest.approx(whole.grad_norm, rel=1e-4)
+    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_whole, params_micro))
