@@ -52,6 +52,12 @@ def run_shard(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_train(args: argparse.Namespace) -> int:
+    from pipelines.train import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -65,10 +71,18 @@ def build_parser() -> argparse.ArgumentParser:
     shard = commands.add_parser(
         "shard", help="shard LSUN / CelebA-HQ / an image folder / CIFAR-10 into WebDataset tars",
         description="Run the sharding job (pipelines/shard.py): one Ray task per shard, resumable.")
-    from pipelines.shard import add_arguments
+    from pipelines.shard import add_arguments as add_shard_arguments
 
-    add_arguments(shard)
+    add_shard_arguments(shard)
     shard.set_defaults(run=run_shard)
+
+    train = commands.add_parser(
+        "train", help="train a preset with Ray Train DDP, MLflow tracking and registration",
+        description="Run the training job (pipelines/train.py). The same --name resumes the run.")
+    from pipelines.train import add_arguments as add_train_arguments
+
+    add_train_arguments(train)
+    train.set_defaults(run=run_train)
     return parser
 
 

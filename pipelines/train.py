@@ -1,0 +1,366 @@
+"""Ray job: train a DDPM with Ray Train DDP, MLflow tracking, checkpoints, resume and registration.
+
+    python pipelines/train.py --preset cifar10 --data /data/cifar10-32 --workers 2
+    ray job submit --working-dir . -- python pipelines/train_lsun.py --data s3://bucket/lsun-bedroom-256 \\
+        --preset lsun_bedroom256 --workers 8 --gpu --storage s3://bucket/runs --name bedroom-v1
+
+The same `--name` resumes: from the latest checkpoint, in the same MLflow run. At the end the EMA
+model becomes a new version of `ddpm-<preset>` in the MLflow registry, alias `candidate`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+import ddpm_core
+from ddpm_core.checkpoint import EMA_WEIGHTS, TrainingState, load_checkpoint, save_checkpoint
+from ddpm_core.config import Config, ConfigError
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.ema import EMA
+from ddpm_core.loader import TrainLoader
+from ddpm_core.pixels import image_grid, to_uint8
+from ddpm_core.presets import PRESETS, get_preset
+from ddpm_core.rng import image_generators, image_seed
+from ddpm_core.sharding import DatasetError, read_dataset_info
+from ddpm_core.storage import StorageError, open_storage
+from ddpm_core.training import build_optimizer, train_step
+from ddpm_core.unet import UNet
+
+log = logging.getLogger("ddpm.train")
+GRID_IMAGES, GRID_DDIM_STEPS = 16, 25
+TEST_HOOKS = ("DDPM_TEST_FAIL_AT_STEP", "DDPM_TEST_FAIL_RANK", "DDPM_TEST_FAIL_ONCE", "DDPM_TEST_TRACE_DIR")
+
+
+# -- on every worker -------------------------------------------------------------------------------
+
+class RankZeroTracker:
+    """Metrics and sample grids of rank 0 to the run the driver created."""
+
+    def __init__(self, tracking_uri: str, run_id: str):
+        from mlflow.tracking import MlflowClient
+
+        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+
+    def metrics(self, values: dict[str, float], step: int) -> None:
+        from mlflow.entities import Metric
+
+        now = int(time.time() * 1000)
+        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+
+    def sample_grid(self, model: torch.nn.Module, diffusion: GaussianDiffusion, config: Config, step: int,
+                    device: torch.device) -> None:
+        r = config.model.resolution
+        images = diffusion.ddim_sample_loop(model, (GRID_IMAGES, config.model.in_channels, r, r),
+                                            steps=min(GRID_DDIM_STEPS, diffusion.num_timesteps),
+                                            generators=image_generators(0, range(GRID_IMAGES), device), device=device)
+        self.client.log_image(self.run_id, image_grid(to_uint8(images), columns=4), key="ema_samples", step=step)
+
+
+def _test_hooks(step: int, rank: int, keys: list[str], model: torch.nn.Module) -> None:
+    """Environment-controlled hooks for the integration tests only: a fault, and a per-step trace."""
+    fail_at = os.environ.get("DDPM_TEST_FAIL_AT_STEP")
+    if fail_at and step == int(fail_at) and rank == int(os.environ.get("DDPM_TEST_FAIL_RANK", "0")):
+        once = os.environ.get("DDPM_TEST_FAIL_ONCE")
+        if not once or not Path(once).exists():
+            if once:
+                Path(once).touch()
+            raise RuntimeError(f"test fault injected at step {step} on rank {rank}")
+    trace = os.environ.get("DDPM_TEST_TRACE_DIR")
+    if trace:
+        weights = torch.cat([p.detach().flatten().cpu() for p in model.parameters()]).numpy().tobytes()
+        with open(Path(trace) / f"rank{rank}.jsonl", "a") as f:
+            f.write(json.dumps({"step": step, "keys": keys, "weights": hashlib.sha256(weights).hexdigest()}) + "\n")
+
+
+def train_loop_per_worker(loop: dict) -> dict:
+    """One DDP rank: restore, then train to `train.steps`, checkpointing every `checkpoint_every`."""
+    import ray.train
+    import ray.train.torch
+
+    config = Config.from_dict(loop["config"])
+    train = config.train
+    context = ray.train.get_context()
+    rank, world = context.get_world_rank(), context.get_world_size()
+    device = ray.train.torch.get_device()
+    cuda = device.type == "cuda"
+    if not cuda:
+        torch.set_num_threads(loop["threads_per_worker"])
+
+    model = UNet(config.model).to(device)
+    if cuda:
+        model = model.to(memory_format=torch.channels_last)
+    diffusion = GaussianDiffusion.from_config(config.diffusion)
+    optimizer, ema = build_optimizer(model, train), EMA(model, train.ema_decay)
+    state = TrainingState(step=0, config=config.to_dict(), seed=train.seed)
+    checkpoint = ray.train.get_checkpoint()
+    if checkpoint:
+        with checkpoint.as_directory() as directory:
+            state = load_checkpoint(directory, model, ema, optimizer)
+        log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,
+                 state.batch_in_epoch)
+    ddp = ray.train.torch.prepare_model(model)  # DDP; broadcasts rank 0's weights
+    if loop["compile"]:
+        ddp = torch.compile(ddp)
+    loader = TrainLoader(loop["data"], train.batch_size // world, rank, world, loop["loader_workers"], train.seed,
+                         train.random_flip, resolution=config.model.resolution)
+    tracker = RankZeroTracker(loop["tracking_uri"], loop["run_id"]) if rank == 0 else None
+
+    step, epoch, skip = state.step, state.epoch, state.batch_in_epoch
+    consecutive_nonfinite, window, window_start = 0, [], time.monotonic()
+    autocast = torch.bfloat16 if cuda and loop["bf16"] else None
+    while step < train.steps:
+        loader.set_epoch(epoch)
+        for index, (images, keys) in enumerate(loader):
+            if index < skip:  # the batches this epoch had consumed before the checkpoint
+                continue
+            _test_hooks(step, rank, keys, model)
+            # Every rank and step has its own seed: t, ε and dropout are reproducible across resumes.
+            torch.manual_seed(image_seed(train.seed, step * world + rank))
+            x0 = images.to(device, non_blocking=True)
+            if cuda:
+                x0 = x0.contiguous(memory_format=torch.channels_last)
+            result = train_step(ddp, diffusion, optimizer, ema, x0, step, train, autocast_dtype=autocast)
+            step += 1
+            state = TrainingState(step, config.to_dict(), epoch, index + 1, train.seed,
+                                  state.nonfinite_steps + (not result.applied))
+            if result.applied:
+                consecutive_nonfinite = 0
+                window.append(result)
+            else:
+                consecutive_nonfinite += 1
+                log.warning("rank %d step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped",
+                            rank, step, result.loss, result.grad_norm)
+                if consecutive_nonfinite >= train.max_nonfinite_steps:
+                    return {"stopped": f"stopped at step {step}: {consecutive_nonfinite} consecutive steps had a "
+                                       f"non-finite loss or gradient (last loss {result.loss}); lower train.lr or "
+                                       "check the data", "step": step}
+            if tracker and window and step % train.log_every == 0:
+                elapsed = time.monotonic() - window_start
+                values = {"loss": np.mean([r.loss for r in window]), "grad_norm": np.mean([r.grad_norm for r in window]),
+                          "lr": result.lr, "images_per_s": len(window) * train.batch_size / elapsed,
+                          "nonfinite_steps": state.nonfinite_steps, "epoch": epoch}
+                if cuda:
+                    values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                tracker.metrics(values, step)
+                window, window_start = [], time.monotonic()
+            if tracker and step % train.sample_every == 0:
+                tracker.sample_grid(ema.model, diffusion, config, step, device)
+            if step % train.checkpoint_every == 0 or step == train.steps:
+                _report_checkpoint(rank, model, ema, optimizer, state, result)
+            if step >= train.steps:
+                break
+        else:
+            epoch, skip = epoch + 1, 0
+    return {"step": step, "nonfinite_steps": state.nonfinite_steps}
+
+
+def _report_checkpoint(rank: int, model, ema, optimizer, state: TrainingState, result) -> None:
+    """Rank 0 writes the checkpoint; every rank reports (ray.train.report is a barrier)."""
+    import ray.train
+
+    metrics = {"step": state.step, "loss": result.loss}
+    if rank != 0:
+        ray.train.report(metrics)
+        return
+    scratch = Path(tempfile.mkdtemp(prefix="ddpm-checkpoint-"))
+    try:
+        directory = save_checkpoint(scratch / "checkpoint", model, ema, optimizer, state)
+        ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
+                         checkpoint_dir_name=f"checkpoint_{state.step:09d}")
+    finally:
+        shutil.rmtree(scratch, ignore_errors=True)
+
+
+# -- on the driver ---------------------------------------------------------------------------------
+
+def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None,
+                  presets: tuple[str, ...] = tuple(PRESETS)) -> None:
+    parser.add_argument("--data", required=True, help="dataset root made by the sharding job (path or s3://)")
+    parser.add_argument("--preset", default=default_preset, required=default_preset is None, choices=presets)
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override any preset field, e.g. --set train.lr=1e-5 (repeatable)")
+    parser.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU (gloo)")
+    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    parser.add_argument("--loader-workers", type=int, default=2, help="data loader processes per worker")
+    parser.add_argument("--storage", default="runs", help="checkpoint storage: local path or s3:// (default ./runs)")
+    parser.add_argument("--name", default=None, help="run name; the same name resumes (default <preset>-<data>)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI, "
+                                                             "else sqlite:///./mlflow.db)")
+    parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset's name)")
+    parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
+    parser.add_argument("--compile", action="store_true", help="torch.compile the model")
+    parser.add_argument("--no-bf16", dest="bf16", action="store_false", help="fp32 on CUDA (bf16 autocast is default)")
+    parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
+
+
+def code_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("ddpm-ray")
+    except PackageNotFoundError:
+        return "unknown"
+
+
+def storage_filesystem(uri: str):
+    """A pyarrow filesystem for s3:// storage that honours AWS_ENDPOINT_URL (MinIO, moto); else None."""
+    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    if not uri.startswith("s3://") or not endpoint:
+        return None
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=endpoint.split("://")[0],
+                                   region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
+
+
+def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: dict) -> str:
+    """Log the EMA model as a pyfunc in the run, register it as ddpm-<preset>, alias `candidate`."""
+    import mlflow
+    from mlflow.models.signature import ModelSignature
+    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
+
+    from pipelines import ddpm_model
+
+    r = config.model.resolution
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("long", "index")]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, config.model.out_channels))]),
+        params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", "ddim"),
+                            ParamSpec("steps", "long", 50), ParamSpec("eta", "double", 0.0)]),
+    )
+    with tempfile.TemporaryDirectory(prefix="ddpm-model-") as scratch:
+        model_dir = Path(scratch) / "model"
+        model_dir.mkdir()
+        shutil.copy(checkpoint_dir / EMA_WEIGHTS, model_dir / EMA_WEIGHTS)
+        (model_dir / "config.json").write_text(config.to_json())
+        with mlflow.start_run(run_id=run_id):
+            info = mlflow.pyfunc.log_model(
+                name="model", python_model=ddpm_model.__file__, artifacts={"model": str(model_dir)},
+                code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature,
+                pip_requirements=["torch", "numpy", "safetensors", "pillow"])
+    name = f"ddpm-{config.preset}"
+    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    client.set_registered_model_alias(name, "candidate", version.version)
+    return version.version
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import configure_logging
+
+    configure_logging()
+    try:
+        return _run(args)
+    except (ConfigError, DatasetError, StorageError, RuntimeError, ValueError) as error:
+        log.error("%s", error)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ray
+    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    from pipelines.ray_runtime import init_ray
+    from pipelines.tracking import connect, experiment_id, find_or_create_run, redact, resolve_tracking_uri
+
+    config = get_preset(args.preset).with_overrides(args.set)
+    if args.workers < 1:
+        raise ConfigError(f"--workers must be >= 1, got {args.workers}")
+    if config.train.batch_size % args.workers:
+        raise ConfigError(f"the global batch {config.train.batch_size} does not split evenly over {args.workers} "
+                          "workers; choose a worker count that divides it")
+    data = open_storage(args.data)
+    info = read_dataset_info(data)
+    if info["resolution"] != config.model.resolution:
+        raise DatasetError(f"dataset {args.data} holds {info['resolution']}×{info['resolution']} images but preset "
+                           f"{config.preset} trains at {config.model.resolution}×{config.model.resolution}")
+    storage_uri = args.storage if args.storage.startswith("s3://") else str(Path(args.storage).expanduser().resolve())
+    open_storage(storage_uri).check_writable()
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    client = connect(tracking_uri)
+
+    init_ray(args.address)
+    resources = {"CPU": args.cpus_per_worker, **({"GPU": 1} if args.gpu else {})}
+    available = ray.cluster_resources()
+    for kind, amount in resources.items():
+        if available.get(kind, 0) < amount * args.workers:
+            raise RuntimeError(f"cannot place {args.workers} workers needing {amount:g} {kind} each: the cluster has "
+                               f"{available.get(kind, 0):g} {kind}")
+
+    dataset_name = Path(data.uri.rstrip("/")).name
+    name = args.name or f"{config.preset}-{dataset_name}"
+    experiment = experiment_id(client, args.experiment or dataset_name, tracking_uri)
+    params = {**config.flat(), "data": args.data, "workers": args.workers, "gpu": args.gpu, "compile": args.compile,
+              "dataset_fingerprint": info["fingerprint"]}
+    run_id, resumed = find_or_create_run(client, experiment, name, params)
+    if resumed:
+        client.update_run(run_id, status="RUNNING")
+    client.set_tag(run_id, "checkpoint_location", f"{storage_uri.rstrip('/')}/{name}")
+    log.info("%s MLflow run %s (%s) of experiment %s; checkpoints in %s/%s",
+             "resuming" if resumed else "created", run_id, redact(tracking_uri), args.experiment or dataset_name,
+             storage_uri, name)
+
+    threads = max(1, int(args.cpus_per_worker))
+    loop_config = {"config": config.to_dict(), "data": args.data, "tracking_uri": tracking_uri, "run_id": run_id,
+                   "loader_workers": args.loader_workers, "compile": args.compile, "bf16": args.bf16,
+                   "threads_per_worker": threads}
+    hooks = {k: os.environ[k] for k in TEST_HOOKS if k in os.environ}
+    trainer = TorchTrainer(
+        train_loop_per_worker,
+        train_loop_config=loop_config,
+        torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo"),
+        scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu, resources_per_worker=resources),
+        run_config=RunConfig(
+            name=name, storage_path=storage_uri, storage_filesystem=storage_filesystem(storage_uri),
+            checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
+            failure_config=FailureConfig(max_failures=args.max_failures),
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **hooks}},
+        ),
+    )
+    try:
+        result = trainer.fit()
+    except TrainingFailedError as error:
+        client.set_terminated(run_id, "FAILED")
+        cause = [line.strip() for line in str(error).splitlines() if line.strip()]
+        raise RuntimeError(f"training failed ({cause[-1] if cause else type(error).__name__}); re-run the same "
+                           f"command (--name {name}) to resume from the last checkpoint") from None
+    outcome = result.return_value or {}
+    if "stopped" in outcome:
+        client.set_terminated(run_id, "FAILED")
+        raise RuntimeError(outcome["stopped"])
+    if result.checkpoint is None:
+        raise RuntimeError("training ended without a checkpoint")
+    with result.checkpoint.as_directory() as directory:
+        state = json.loads((Path(directory) / "state.json").read_text())
+        client.set_tag(run_id, "checkpoint", result.checkpoint.path)
+        version = register(client, run_id, Path(directory), config, {
+            "dataset_fingerprint": info["fingerprint"], "steps": state["step"], "code_version": code_version(),
+            "run_id": run_id, "checkpoint": result.checkpoint.path})
+    log.info("done: step %d, %d non-finite steps skipped; checkpoint %s; registered ddpm-%s version %s "
+             "(alias candidate); MLflow run %s", state["step"], state["nonfinite_steps"], result.checkpoint.path,
+             config.preset, version, run_id)
+    return 0
+
+
+def main(argv: list[str] | None = None, default_preset: str | None = None,
+         presets: tuple[str, ...] = tuple(PRESETS)) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser, default_preset, presets)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
