@@ -118,7 +118,7 @@ def train_loop_per_worker(loop: dict) -> dict:
     tracker = RankZeroTracker(loop["tracking_uri"], loop["run_id"]) if rank == 0 else None
 
     step, epoch, skip = state.step, state.epoch, state.batch_in_epoch
-    consecutive_nonfinite, window, window_start = 0, [], time.monotonic()
+    consecutive_nonfinite, window, window_start, window_first_step = 0, [], time.monotonic(), step
     autocast = torch.bfloat16 if cuda and loop["bf16"] else None
     while step < train.steps:
         loader.set_epoch(epoch)
@@ -148,13 +148,14 @@ def train_loop_per_worker(loop: dict) -> dict:
                                        "check the data", "step": step}
             if tracker and window and step % train.log_every == 0:
                 elapsed = time.monotonic() - window_start
-                values = {"loss": np.mean([r.loss for r in window]), "grad_norm": np.mean([r.grad_norm for r in window]),
-                          "lr": result.lr, "images_per_s": len(window) * train.batch_size / elapsed,
+                values = {"loss": np.mean([r.loss for r in window]),
+                          "grad_norm": np.mean([r.grad_norm for r in window]), "lr": result.lr,
+                          "images_per_s": (step - window_first_step) * train.batch_size / elapsed,
                           "nonfinite_steps": state.nonfinite_steps, "epoch": epoch}
                 if cuda:
                     values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 tracker.metrics(values, step)
-                window, window_start = [], time.monotonic()
+                window, window_start, window_first_step = [], time.monotonic(), step
             if tracker and step % train.sample_every == 0:
                 tracker.sample_grid(ema.model, diffusion, config, step, device)
             if step % train.checkpoint_every == 0 or step == train.steps:

@@ -4,6 +4,7 @@ import sys
 
 from pipelines.train import main
 
+LSUN_PRESETS = ("lsun_bedroom256", "lsun_church256", "lsun_cat256", "lsun_bedroom256_large", "tiny", "demo")
+
 if __name__ == "__main__":
-    sys.exit(main(default_preset="lsun_bedroom256",
-                  presets=("lsun_bedroom256", "lsun_church256", "lsun_cat256", "lsun_bedroom256_large", "tiny", "demo")))
+    sys.exit(main(default_preset="lsun_bedroom256", presets=LSUN_PRESETS))
