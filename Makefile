@@ -27,6 +27,7 @@ demo: setup
 bench: setup
 	$(BIN)/python bench/unet_cpu.py
 	$(BIN)/python bench/shard_throughput.py
+	$(BIN)/python bench/train_cpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
