@@ -188,3 +188,19 @@ def test_ray_job_submit_trains_the_tiny_preset_end_to_end(tmp_path, dataset, ray
     assert done.returncode == 0, output[-4000:]
     assert "registered ddpm-tiny version 1 (alias candidate)" in output
     assert read_state(tmp_path / "runs" / "submitted" / "checkpoint_000000024").step == 24
+
+
+def test_checkpoints_can_live_on_s3(tmp_path, dataset, ray_local, s3_bucket):
+    from ddpm_core.storage import s3_client
+
+    args = job(tmp_path, dataset, "--storage", f"s3://{s3_bucket}/runs", "--set", "train.steps=8")
+    assert train_main(args) == 0
+    keys = {item["Key"] for item in s3_client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/")["Contents"]}
+    checkpoint = "runs/tiny-run/checkpoint_000000008"
+    assert {f"{checkpoint}/{name}" for name in ("model.safetensors", "ema.safetensors", "optimizer.pt",
+                                                  "state.json")} <= keys
+    state = json.loads(s3_client().get_object(Bucket=s3_bucket, Key=f"{checkpoint}/state.json")["Body"].read())
+    assert state["step"] == 8
+    client, run = the_run(tmp_path)
+    assert run.data.tags["checkpoint_location"] == f"s3://{s3_bucket}/runs/tiny-run"
+    assert client.get_model_version_by_alias("ddpm-tiny", "candidate").tags["steps"] == "8"

@@ -1,0 +1,134 @@
+"""The FID network: TF's 2015-12-05 Inception-v3, with its reference resize, built from torch-fidelity.
+
+The layers and the TF1-exact bilinear resize to 299 are torch-fidelity's (a well-kept PyTorch
+port of the TF graph). What is ours: the weights are only ever loaded from a local file whose
+sha256 is on the accepted list, with `torch.load(weights_only=True)` (torch-fidelity's own loader
+unpickles and downloads), and a seeded random-init variant for development ("pseudo-FID").
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from pathlib import Path
+
+import torch
+from torch import nn
+from torch_fidelity.feature_extractor_inceptionv3 import (BasicConv2d, InceptionA, InceptionB, InceptionC,
+                                                          InceptionD, InceptionE_1, InceptionE_2)
+from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+# The pytorch-fid / torch-fidelity state_dict of the TF 2015-12-05 graph (95,628,359 bytes).
+ACCEPTED_WEIGHTS = {
+    "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2":
+        "inception-2015-12-05 state_dict (pt_inception-2015-12-05-6726825d.pth, "
+        "weights-inception-2015-12-05-6726825d.pth)",
+}
+WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
+CACHE_DIR = Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm-ray")) / "inception"
+FILE_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
+INPUT_SIZE = 299
+
+
+class InceptionWeightsError(ValueError):
+    """No verified FID weights: says where to put the file."""
+
+
+def find_weights(path: str | os.PathLike | None = None) -> Path:
+    """--inception-weights, else $DDPM_INCEPTION_WEIGHTS, else the cache folder; verified by sha256."""
+    candidates = [Path(path)] if path else []
+    if not candidates and os.environ.get(WEIGHTS_ENV):
+        candidates = [Path(os.environ[WEIGHTS_ENV])]
+    if not candidates:
+        candidates = [CACHE_DIR / name for name in FILE_NAMES]
+    found = next((c for c in candidates if c.is_file()), None)
+    if found is None:
+        raise InceptionWeightsError(
+            f"no Inception weights for FID: looked at {', '.join(str(c) for c in candidates)}. Put the FID "
+            f"Inception state_dict ({FILE_NAMES[0]}, sha256 {next(iter(ACCEPTED_WEIGHTS))}) there, or pass "
+            f"--inception-weights PATH / set {WEIGHTS_ENV}; nothing is downloaded. For development only, "
+            "--features random-init gives a pseudo-FID.")
+    digest = sha256_of(found)
+    if digest not in ACCEPTED_WEIGHTS:
+        raise InceptionWeightsError(f"Inception weights {found} have sha256 {digest}, which is not the FID network "
+                                    f"(accepted: {', '.join(ACCEPTED_WEIGHTS)})")
+    return found
+
+
+def sha256_of(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+class FIDInception(nn.Module):
+    """uint8 images (N, 3, H, W) → pool3 features (N, 2048) and unbiased logits (N, 1008), float32."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
+        self.Conv2d_2a_3x3 = BasicConv2d(32, 32, kernel_size=3)
+        self.Conv2d_2b_3x3 = BasicConv2d(32, 64, kernel_size=3, padding=1)
+        self.MaxPool_1 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.Conv2d_3b_1x1 = BasicConv2d(64, 80, kernel_size=1)
+        self.Conv2d_4a_3x3 = BasicConv2d(80, 192, kernel_size=3)
+        self.MaxPool_2 = nn.MaxPool2d(kernel_size=3, stride=2)
+        self.Mixed_5b = InceptionA(192, pool_features=32)
+        self.Mixed_5c = InceptionA(256, pool_features=64)
+        self.Mixed_5d = InceptionA(288, pool_features=64)
+        self.Mixed_6a = InceptionB(288)
+        self.Mixed_6b = InceptionC(768, channels_7x7=128)
+        self.Mixed_6c = InceptionC(768, channels_7x7=160)
+        self.Mixed_6d = InceptionC(768, channels_7x7=160)
+        self.Mixed_6e = InceptionC(768, channels_7x7=192)
+        self.Mixed_7a = InceptionD(768)
+        self.Mixed_7b = InceptionE_1(1280)
+        self.Mixed_7c = InceptionE_2(2048)
+        self.AvgPool = nn.AdaptiveAvgPool2d(output_size=(1, 1))
+        self.fc = nn.Linear(2048, 1008)
+        self.requires_grad_(False)
+        self.eval()
+
+    @classmethod
+    def from_weights(cls, path: str | os.PathLike | None = None) -> tuple[FIDInception, str]:
+        """The real FID network from a verified local file; returns it and the file's sha256."""
+        found = find_weights(path)
+        model = cls()
+        state = torch.load(found, map_location="cpu", weights_only=True)
+        try:
+            model.load_state_dict(state)
+        except RuntimeError as error:
+            raise InceptionWeightsError(f"{found} does not fit the FID Inception network: "
+                                        f"{str(error).splitlines()[0]}") from None
+        return model, sha256_of(found)
+
+    @classmethod
+    def random_init(cls, seed: int = 0) -> FIDInception:
+        """The same network with seeded random weights: development only, its numbers are pseudo-FID."""
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            model = cls()
+            # He init keeps activations at scale through the ~40 ReLU layers (PyTorch's default shrinks
+            # them to ~1e-8 by pool3, which would leave every covariance nearly singular).
+            for module in model.modules():
+                if isinstance(module, (nn.Conv2d, nn.Linear)):
+                    nn.init.kaiming_normal_(module.weight, nonlinearity="relu")
+        return model
+
+    @torch.no_grad()
+    def forward(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        if images.dtype != torch.uint8 or images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"FID Inception takes uint8 images (N, 3, H, W); got {images.dtype} {tuple(images.shape)}")
+        x = interpolate_bilinear_2d_like_tensorflow1x(images.float(), size=(INPUT_SIZE, INPUT_SIZE),
+                                                      align_corners=False)
+        x = (x - 128) / 128
+        for layer in (self.Conv2d_1a_3x3, self.Conv2d_2a_3x3, self.Conv2d_2b_3x3, self.MaxPool_1,
+                      self.Conv2d_3b_1x1, self.Conv2d_4a_3x3, self.MaxPool_2, self.Mixed_5b, self.Mixed_5c,
+                      self.Mixed_5d, self.Mixed_6a, self.Mixed_6b, self.Mixed_6c, self.Mixed_6d, self.Mixed_6e,
+                      self.Mixed_7a, self.Mixed_7b, self.Mixed_7c, self.AvgPool):
+            x = layer(x)
+        pool = torch.flatten(x, 1)
+        # The original Inception Score code takes logits without the bias, as torch-fidelity does.
+        return pool, pool @ self.fc.weight.T
