@@ -130,3 +130,17 @@ def load_reference(data: bytes, name: str, dim: int = FEATURE_DIM) -> tuple[np.n
     if not (np.isfinite(mu).all() and np.isfinite(sigma).all()):
         raise StatsError(f"reference file {name} holds non-finite values")
     return mu.astype(np.float64), sigma.astype(np.float64)
+
+
+def image_statistics(inception, images: np.ndarray, indices: np.ndarray, batch_size: int = 50,
+                     device: str = "cpu") -> tuple[FeatureStats, ScoreStats]:
+    """Pool3 moments and Inception Score sums of uint8 images (N, H, W, 3) with their global indices."""
+    import torch
+
+    features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+    for start in range(0, len(images), batch_size):
+        batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
+        pool, logits = inception(batch.to(device))
+        features = features + FeatureStats.of(pool.double().cpu().numpy())
+        scores = scores + ScoreStats.of(logits.double().cpu().numpy(), indices[start:start + batch_size])
+    return features, scores

@@ -280,3 +280,12 @@ def open_storage(uri: str | os.PathLike) -> Storage:
     if parsed.scheme and len(parsed.scheme) > 1:  # one letter is a Windows drive
         raise StorageError(f"unsupported storage URI {text!r}; use a local path, file:// or s3://")
     return LocalStorage(Path(text).expanduser().resolve())
+
+
+def read_uri(uri: str) -> bytes:
+    """The bytes of one file named by a path or URI (e.g. a reference .npz); one clear error if absent."""
+    parent, _, name = uri.rstrip("/").rpartition("/")
+    storage = open_storage(parent or ".")
+    if not storage.exists(name):
+        raise StorageError(f"{uri} does not exist")
+    return storage.read_bytes(name)

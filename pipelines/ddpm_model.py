@@ -17,7 +17,7 @@ import torch
 from ddpm_core.checkpoint import load_ema_unet
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.pixels import to_uint8
-from ddpm_core.rng import image_generators
+from ddpm_core.sampling import sample_images
 
 
 class DDPMSampler(mlflow.pyfunc.PythonModel):
@@ -28,16 +28,8 @@ class DDPMSampler(mlflow.pyfunc.PythonModel):
     def sample(self, indices: list[int], seed: int = 0, sampler: str = "ddim", steps: int = 50,
                eta: float = 0.0, device: str = "cpu") -> torch.Tensor:
         """Images in [-1, 1] for the given indices."""
-        r = self.config.model.resolution
-        shape = (len(indices), self.config.model.in_channels, r, r)
-        model = self.model.to(device)
-        generators = image_generators(seed, indices, device)
-        if sampler == "ddpm":
-            return self.diffusion.p_sample_loop(model, shape, generators, device)
-        if sampler == "ddim":
-            return self.diffusion.ddim_sample_loop(model, shape, steps=steps, eta=eta, generators=generators,
-                                                   device=device)
-        raise ValueError(f"sampler {sampler!r} is unknown; choose ddpm or ddim")
+        return sample_images(self.model.to(device), self.diffusion, self.config, indices, seed, sampler, steps, eta,
+                             device)
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         params = params or {}

@@ -1,0 +1,114 @@
+"""Ray job: the FID reference statistics of a sharded dataset, stored next to its shards.
+
+    python pipelines/fid_reference.py --data s3://bucket/lsun-bedroom-256      # → .../fid_stats.npz
+
+One Ray Data row per shard; actors hold the FID Inception network and return exactly mergeable
+float64 statistics. The .npz has `mu` and `sigma` (as pytorch-fid, clean-fid and ADM files) plus
+provenance: N, the weights' sha256, the resize, the dataset fingerprint.
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import logging
+import sys
+
+import numpy as np
+import torch
+from PIL import Image
+from webdataset.tariterators import group_by_keys, tar_file_expander
+
+from ddpm_core.fid import StatsError, image_statistics, save_reference
+from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights, sha256_of
+from ddpm_core.sharding import DatasetError, read_dataset_info, read_manifest
+from ddpm_core.storage import StorageError, open_storage
+from pipelines.sample_fid import RANDOM_INIT_SEED, merge_statistics, statistics_row
+
+log = logging.getLogger("ddpm.fid_reference")
+
+
+class ShardStatistics:
+    """A Ray Data actor: the Inception statistics of one dataset shard per row."""
+
+    def __init__(self, data: str, features: str, weights: str | None, threads: int):
+        torch.set_num_threads(threads)
+        self.storage = open_storage(data)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.inception = (FIDInception.from_weights(weights)[0] if features == "inception"
+                          else FIDInception.random_init(RANDOM_INIT_SEED)).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        url, first = str(batch["url"][0]), int(batch["first_index"][0])
+        with self.storage.open_read(url) as stream:
+            samples = group_by_keys(tar_file_expander(iter([{"url": url, "stream": stream}])))
+            images = np.stack([np.asarray(Image.open(io.BytesIO(s.get("png") or s["webp"])).convert("RGB"))
+                               for s in samples])
+        indices = np.arange(first, first + len(images))
+        return statistics_row(*image_statistics(self.inception, images, indices, device=self.device))
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data", required=True, help="dataset root made by the sharding job")
+    parser.add_argument("--out", default=None, help="output .npz (default <data>/fid_stats.npz, or "
+                                                    "fid_stats_pseudo.npz with --features random-init)")
+    parser.add_argument("--features", choices=("inception", "random-init"), default="inception")
+    parser.add_argument("--inception-weights", default=None)
+    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--gpu", action="store_true")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--address", default=None)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import configure_logging
+
+    configure_logging()
+    try:
+        return _run(args)
+    except (DatasetError, StorageError, InceptionWeightsError, StatsError, ValueError) as error:
+        log.error("%s", error)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import ray
+
+    from pipelines.ray_runtime import init_ray
+
+    storage = open_storage(args.data)
+    rows, info = read_manifest(storage), read_dataset_info(storage)
+    weights = str(find_weights(args.inception_weights)) if args.features == "inception" else None
+    extractor = sha256_of(weights) if weights else f"random-init(seed={RANDOM_INIT_SEED})"
+    name = args.out or ("fid_stats.npz" if args.features == "inception" else "fid_stats_pseudo.npz")
+    init_ray(args.address)
+    offsets = np.cumsum([0] + [row["num_samples"] for row in rows])
+    items = [{"url": row["url"], "first_index": int(offset)} for row, offset in zip(rows, offsets)]
+    stage = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        ShardStatistics, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
+        num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor,
+        fn_constructor_kwargs={"data": storage.uri, "features": args.features, "weights": weights,
+                               "threads": max(1, int(args.cpus_per_actor))})
+    features, _ = merge_statistics(stage.iter_rows(), int(offsets[-1]), "images")
+    mu, sigma = features.mean_cov()
+    payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize="tf1_bilinear_299",
+                             dataset_fingerprint=info["fingerprint"], features=args.features)
+    if "/" in name:
+        parent, _, leaf = name.rpartition("/")
+        open_storage(parent).write_bytes(leaf, payload)
+        where = name
+    else:
+        storage.write_bytes(name, payload)
+        where = storage.url(name)
+    log.info("done: %s — statistics of %d images (%s)", where, features.n, args.features)
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())

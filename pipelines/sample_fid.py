@@ -1,0 +1,242 @@
+"""Ray job: sample N images from a model with a pool of Ray Data actors, and score them (FID, IS).
+
+    ray job submit --working-dir . -- python pipelines/sample_fid.py \\
+        --model models:/ddpm-lsun_bedroom256@candidate --num 50000 --out s3://bucket/samples/v3 \\
+        --ref s3://bucket/lsun-bedroom-256/fid_stats.npz --actors 8 --gpu
+
+Rows of the Ray Data stage are sample tars (index ranges); each actor holds the model and the
+Inception network, samples its tars (or re-reads finished ones), and returns exactly mergeable
+float64 statistics. Results: fid.json, an MLflow run, and tags on the model version.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import sys
+import time
+
+import numpy as np
+import torch
+
+from ddpm_core.checkpoint import CheckpointError
+from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.fid import (
+    FEATURE_DIM,
+    FeatureStats,
+    ScoreStats,
+    StatsError,
+    frechet_distance,
+    image_statistics,
+    load_reference,
+)
+from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights, sha256_of
+from ddpm_core.pixels import image_grid, to_uint8
+from ddpm_core.sampling import (
+    SAMPLERS,
+    SamplesError,
+    SampleSpec,
+    prepare_output,
+    read_sample_tar,
+    sample_images,
+    write_sample_tar,
+)
+from ddpm_core.storage import StorageError, open_storage, read_uri
+
+log = logging.getLogger("ddpm.sample")
+FEATURES = ("inception", "random-init", "none")
+RANDOM_INIT_SEED = 0
+
+
+def statistics_row(features: FeatureStats, scores: ScoreStats) -> dict[str, np.ndarray]:
+    """One Ray Data output row carrying exactly mergeable statistics."""
+    return {"n": np.array([features.n]), "total": features.total[None], "outer": features.outer[None],
+            "is_n": scores.n[None], "is_prob": scores.prob_sum[None], "is_plogp": scores.plogp_sum[None]}
+
+
+def merge_statistics(rows, total: int, what: str) -> tuple[FeatureStats, ScoreStats]:
+    """Sum the rows of a statistics stage, logging progress."""
+    features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+    done, started = 0, time.monotonic()
+    for row in rows:
+        done += int(row["n"])
+        if "total" in row:
+            features = features + FeatureStats(int(row["n"]), row["total"], row["outer"])
+            scores = scores + ScoreStats(row["is_n"], row["is_prob"], row["is_plogp"])
+        log.info("%s %d/%d, %.2f/s", what, done, total, done / (time.monotonic() - started))
+    return features, scores
+
+
+class SampleAndScore:
+    """A Ray Data actor: holds the model and the Inception network; one input row is one sample tar."""
+
+    def __init__(self, model: str, spec: dict, out: str, features: str, weights: str | None, batch_size: int,
+                 threads: int):
+        from pipelines.model_source import load_model
+
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        self.model, self.config = load_model(model)
+        self.model.to(self.device)
+        self.diffusion = GaussianDiffusion.from_config(self.config.diffusion)
+        self.spec, self.storage, self.batch_size = SampleSpec(**spec), open_storage(out), batch_size
+        self.inception = None
+        if features == "inception":
+            self.inception = FIDInception.from_weights(weights)[0].to(self.device)
+        elif features == "random-init":
+            self.inception = FIDInception.random_init(RANDOM_INIT_SEED).to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        k, start, count, reuse = (int(batch[key][0]) for key in ("tar", "start", "count", "reuse"))
+        if reuse:
+            indices, images = read_sample_tar(self.storage, k)
+        else:
+            indices = list(range(start, start + count))
+            images = np.concatenate([
+                to_uint8(sample_images(self.model, self.diffusion, self.config, indices[i:i + self.batch_size],
+                                       self.spec.seed, self.spec.sampler, self.spec.steps, self.spec.eta,
+                                       self.device))
+                for i in range(0, count, self.batch_size)])
+            write_sample_tar(self.storage, k, indices, images)
+        if self.inception is None:
+            return {"n": np.array([len(indices)])}
+        return statistics_row(*image_statistics(self.inception, images, np.asarray(indices), device=self.device))
+
+
+def add_arguments(parser: argparse.ArgumentParser, features_default: str = "inception") -> None:
+    parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a "
+                                                       "checkpoint directory")
+    parser.add_argument("--num", type=int, required=True, help="number of samples N (50000 for published FIDs)")
+    parser.add_argument("--out", required=True, help="where the sample tars go: local path or s3://")
+    parser.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid, clean-fid, ADM)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm: Algorithm 2, all T steps")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm always uses all T)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses (seed, i)")
+    parser.add_argument("--actors", type=int, default=1, help="sampling actors (one GPU each with --gpu)")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass on an actor")
+    parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--features", choices=FEATURES, default=features_default,
+                        help="inception: the FID network (verified weights); random-init: development only, "
+                             "reported as pseudo-FID; none: sample only")
+    parser.add_argument("--inception-weights", default=None, help="FID Inception weights file (else "
+                                                                  "DDPM_INCEPTION_WEIGHTS, else the cache)")
+    parser.add_argument("--allow-small-n", action="store_true",
+                        help=f"allow N < {FEATURE_DIM} (the covariance is then singular; tests and smoke runs only)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+    parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.ray_runtime import configure_logging
+    from pipelines.tracking import TrackingError
+
+    configure_logging()
+    try:
+        return _run(args)
+    except (SamplesError, StatsError, InceptionWeightsError, StorageError, TrackingError, CheckpointError,
+            ValueError) as error:
+        log.error("%s", error)
+        return 2
+
+
+def _run(args: argparse.Namespace) -> int:
+    import mlflow
+    import ray
+
+    from pipelines.model_source import load_model, resolve_model
+    from pipelines.ray_runtime import init_ray
+    from pipelines.tracking import connect, resolve_tracking_uri
+
+    client = connect(resolve_tracking_uri(args.tracking_uri))
+    resolved, version = resolve_model(args.model, client)
+    config = load_model(resolved)[1]
+    scoring = args.features != "none"
+    if args.num < 1:
+        raise SamplesError(f"--num must be >= 1, got {args.num}")
+    if scoring and args.num < FEATURE_DIM and not args.allow_small_n:
+        raise SamplesError(f"N={args.num} is smaller than the feature dimension {FEATURE_DIM}: the covariance would be "
+                           "singular and the FID meaningless; use --num 50000 (or >= 2048)")
+    weights, weights_sha = None, None
+    if args.features == "inception":
+        weights = str(find_weights(args.inception_weights))
+        weights_sha = sha256_of(weights)
+    elif args.features == "random-init":
+        weights_sha = f"random-init(seed={RANDOM_INIT_SEED})"
+    reference, reference_sha = None, None
+    if args.ref and scoring:
+        data = read_uri(args.ref)
+        reference, reference_sha = load_reference(data, args.ref), hashlib.sha256(data).hexdigest()
+
+    storage = open_storage(args.out)
+    storage.check_writable()
+    steps = config.diffusion.timesteps if args.sampler == "ddpm" else args.steps
+    spec = SampleSpec(resolved, args.sampler, steps, args.eta if args.sampler == "ddim" else 0.0, args.seed,
+                      args.num, args.per_tar, config.model.resolution)
+    finished = set(prepare_output(storage, spec))
+    tars = spec.tars()
+    log.info("%s: %d samples of %s in %d tars (%d already there), %s %d steps, seed %d; %d actor(s)",
+             storage.uri, spec.num, resolved, len(tars), len(finished), spec.sampler, spec.steps, spec.seed,
+             args.actors)
+
+    init_ray(args.address)
+    rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
+    stage = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
+        SampleAndScore, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
+        num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor,
+        fn_constructor_kwargs={"model": resolved, "spec": spec.__dict__, "out": storage.uri,
+                               "features": args.features, "weights": weights, "batch_size": args.batch_size,
+                               "threads": max(1, int(args.cpus_per_actor))})
+    features, scores = merge_statistics(stage.iter_rows(), spec.num, "samples")
+
+    result = {"model": resolved, "sampler": spec.sampler, "steps": spec.steps, "eta": spec.eta, "seed": spec.seed,
+              "num": spec.num, "features": args.features, "inception_weights_sha256": weights_sha,
+              "reference": args.ref, "reference_sha256": reference_sha}
+    label = "fid" if args.features == "inception" else "pseudo_fid"
+    if scoring:
+        mu, sigma = features.mean_cov()
+        if reference is not None:
+            result[label] = frechet_distance(mu, sigma, *reference)
+        is_label = "inception_score" if args.features == "inception" else "pseudo_inception_score"
+        result[is_label], result[f"{is_label}_std"] = scores.inception_score()
+    storage.write_bytes("fid.json", json.dumps(result, indent=2, sort_keys=True).encode())
+    log_results(client, mlflow, result, version, storage, label)
+    log.info("done: %s", {k: result[k] for k in result if "fid" in k or "inception_score" in k} or "samples only")
+    return 0
+
+
+def log_results(client, mlflow, result: dict, version, storage, label: str) -> None:
+    """An MLflow evaluation run (params, metrics, the first 64 samples) and tags on the model version."""
+    experiment = client.get_run(version.run_id).info.experiment_id if version and version.run_id else None
+    if experiment is None:
+        existing = client.get_experiment_by_name("ddpm-evaluations")
+        experiment = existing.experiment_id if existing else client.create_experiment("ddpm-evaluations")
+    metrics = {k: v for k, v in result.items() if isinstance(v, float) and k not in ("eta",)}
+    params = {k: v for k, v in result.items() if k not in metrics}
+    with mlflow.start_run(experiment_id=experiment, run_name=f"eval-{result['sampler']}-{result['num']}",
+                          tags={"ddpm.kind": "evaluation"}):
+        mlflow.log_params(params)
+        mlflow.log_metrics(metrics)
+        _, images = read_sample_tar(storage, 0)
+        mlflow.log_image(image_grid(images[:64], columns=8), "samples_first_64.png")
+        mlflow.log_dict(result, "fid.json")
+    if version is not None and label in result:
+        # A pseudo-FID is never written to the registry under the name FID.
+        client.set_model_version_tag(version.name, version.version, label, f"{result[label]:.4f}")
+        client.set_model_version_tag(version.name, version.version, f"{label}_n", str(result["num"]))
+        client.set_model_version_tag(version.name, version.version, f"{label}_sampler",
+                                     f"{result['sampler']}-{result['steps']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
