@@ -28,11 +28,12 @@ def resolve_model(reference: str, client) -> tuple[str, object | None]:
     return f"{path}@step{read_state(path).step}", None
 
 
-def load_model(resolved: str):
+def load_model(resolved: str, tracking_uri: str):
     """(EMA U-Net in eval mode, its Config) for a reference from `resolve_model`."""
     if resolved.startswith("models:/"):
         import mlflow
 
+        mlflow.set_tracking_uri(tracking_uri)  # actors run elsewhere: they must be told where the registry is
         sampler = mlflow.pyfunc.load_model(resolved).unwrap_python_model()
         return sampler.model, sampler.config
     return load_ema_unet(resolved.rsplit("@step", 1)[0])

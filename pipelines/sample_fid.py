@@ -72,13 +72,13 @@ def merge_statistics(rows, total: int, what: str) -> tuple[FeatureStats, ScoreSt
 class SampleAndScore:
     """A Ray Data actor: holds the model and the Inception network; one input row is one sample tar."""
 
-    def __init__(self, model: str, spec: dict, out: str, features: str, weights: str | None, batch_size: int,
-                 threads: int):
+    def __init__(self, model: str, tracking_uri: str, spec: dict, out: str, features: str, weights: str | None,
+                 batch_size: int, threads: int):
         from pipelines.model_source import load_model
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.model, self.config = load_model(model)
+        self.model, self.config = load_model(model, tracking_uri)
         self.model.to(self.device)
         self.diffusion = GaussianDiffusion.from_config(self.config.diffusion)
         self.spec, self.storage, self.batch_size = SampleSpec(**spec), open_storage(out), batch_size
@@ -152,9 +152,10 @@ def _run(args: argparse.Namespace) -> int:
     from pipelines.ray_runtime import init_ray
     from pipelines.tracking import connect, resolve_tracking_uri
 
-    client = connect(resolve_tracking_uri(args.tracking_uri))
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    client = connect(tracking_uri)
     resolved, version = resolve_model(args.model, client)
-    config = load_model(resolved)[1]
+    config = load_model(resolved, tracking_uri)[1]
     scoring = args.features != "none"
     if args.num < 1:
         raise SamplesError(f"--num must be >= 1, got {args.num}")
@@ -188,9 +189,9 @@ def _run(args: argparse.Namespace) -> int:
     stage = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         SampleAndScore, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
         num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor,
-        fn_constructor_kwargs={"model": resolved, "spec": spec.__dict__, "out": storage.uri,
-                               "features": args.features, "weights": weights, "batch_size": args.batch_size,
-                               "threads": max(1, int(args.cpus_per_actor))})
+        fn_constructor_kwargs={"model": resolved, "tracking_uri": tracking_uri, "spec": spec.__dict__,
+                               "out": storage.uri, "features": args.features, "weights": weights,
+                               "batch_size": args.batch_size, "threads": max(1, int(args.cpus_per_actor))})
     features, scores = merge_statistics(stage.iter_rows(), spec.num, "samples")
 
     result = {"model": resolved, "sampler": spec.sampler, "steps": spec.steps, "eta": spec.eta, "seed": spec.seed,

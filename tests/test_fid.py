@@ -7,8 +7,7 @@ import pytest
 import scipy.linalg
 import torch
 
-from ddpm_core.fid import (FeatureStats, ScoreStats, StatsError, frechet_distance, load_reference,
-                           save_reference)
+from ddpm_core.fid import FeatureStats, ScoreStats, StatsError, frechet_distance, load_reference, save_reference
 from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights
 
 

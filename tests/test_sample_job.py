@@ -1,0 +1,156 @@
+"""Integration: mass sampling and scoring on a real local Ray (Ray Data actors) and MLflow store."""
+
+import json
+import logging
+import tarfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+
+from ddpm_core.checkpoint import TrainingState, save_checkpoint
+from ddpm_core.ema import EMA
+from ddpm_core.fid import save_reference
+from ddpm_core.presets import get_preset
+from ddpm_core.training import build_optimizer
+from ddpm_core.unet import UNet
+from pipelines.fid_reference import main as reference_main
+from pipelines.sample_fid import main as sample_main
+from pipelines.train import register
+from tests.test_loader import make_dataset
+
+
+@pytest.fixture(scope="module")
+def registered(tmp_path_factory):
+    """A tiny model with non-trivial weights, checkpointed and registered as the training job does."""
+    root = tmp_path_factory.mktemp("sampling")
+    config = get_preset("tiny")
+    torch.manual_seed(0)
+    model = UNet(config.model)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    ema = EMA(model, 0.9)
+    ema.update(model, 0)
+    checkpoint = save_checkpoint(root / "checkpoint", model, ema, build_optimizer(model, config.train),
+                                 TrainingState(step=7, config=config.to_dict()))
+    uri = f"sqlite:///{root / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    mlflow.set_tracking_uri(uri)
+    experiment = client.create_experiment("tiny16", artifact_location=(root / "artifacts").as_uri())
+    run = client.create_run(experiment)
+    version = register(client, run.info.run_id, checkpoint, config, {"steps": 7})
+    return {"root": root, "tracking": uri, "checkpoint": str(checkpoint), "version": version}
+
+
+def common(registered, out, *extra):
+    return ["--out", str(out), "--tracking-uri", registered["tracking"], "--cpus-per-actor", "0.5",
+            "--per-tar", "8", "--sampler", "ddim", "--steps", "4", *extra]
+
+
+def tar_pngs(folder: Path) -> dict[int, bytes]:
+    pngs = {}
+    for path in sorted((folder / "samples").glob("*.tar")):
+        with tarfile.open(path) as tar:
+            for member in tar.getmembers():
+                key = int(member.name.split(".")[0])
+                assert key not in pngs
+                pngs[key] = tar.extractfile(member).read()
+    return pngs
+
+
+def test_model_to_pseudo_fid_end_to_end(tmp_path, registered, ray_local):
+    make_dataset(tmp_path, str(tmp_path / "data"), n=25, per_shard=8, resolution=16)
+    assert reference_main(["--data", str(tmp_path / "data"), "--features", "random-init",
+                           "--cpus-per-actor", "0.5"]) == 0
+    with np.load(tmp_path / "data" / "fid_stats_pseudo.npz") as ref:
+        assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and int(ref["n"]) == 24
+    out = tmp_path / "samples"
+    assert sample_main(["--model", "models:/ddpm-tiny@candidate", "--num", "20", "--actors", "2",
+                        "--features", "random-init", "--allow-small-n",
+                        "--ref", str(tmp_path / "data" / "fid_stats_pseudo.npz"), *common(registered, out)]) == 0
+
+    result = json.loads((out / "fid.json").read_text())
+    assert "fid" not in result and "inception_score" not in result  # never called FID without the real network
+    assert result["pseudo_fid"] > 0 and result["pseudo_inception_score"] >= 1.0
+    assert result["model"] == f"models:/ddpm-tiny/{registered['version']}" and result["num"] == 20
+    assert result["reference_sha256"] and result["inception_weights_sha256"] == "random-init(seed=0)"
+    spec = json.loads((out / "samples.json").read_text())
+    assert (spec["sampler"], spec["steps"], spec["seed"], spec["num"]) == ("ddim", 4, 0, 20)
+    assert sorted(tar_pngs(out)) == list(range(20))
+
+    client = MlflowClient(registered["tracking"])
+    version = client.get_model_version("ddpm-tiny", registered["version"])
+    assert float(version.tags["pseudo_fid"]) == pytest.approx(result["pseudo_fid"], abs=1e-4)
+    assert version.tags["pseudo_fid_n"] == "20" and version.tags["pseudo_fid_sampler"] == "ddim-4"
+    assert "fid" not in version.tags
+    runs = client.search_runs([client.get_run(version.run_id).info.experiment_id],
+                              filter_string="tags.`ddpm.kind` = 'evaluation'")
+    assert len(runs) == 1 and runs[0].data.metrics["pseudo_fid"] == pytest.approx(result["pseudo_fid"])
+    assert runs[0].data.params["num"] == "20"
+    artifacts = {a.path for a in client.list_artifacts(runs[0].info.run_id)}
+    assert {"fid.json", "samples_first_64.png"} <= artifacts
+
+
+def test_samples_do_not_depend_on_actors_or_batch_size(tmp_path, registered, ray_local):
+    for name, actors, batch in (("one", "1", "4"), ("two", "2", "8")):
+        assert sample_main(["--model", registered["checkpoint"], "--num", "16", "--actors", actors,
+                            "--batch-size", batch, "--features", "none",
+                            *common(registered, tmp_path / name)]) == 0
+    one, two = tar_pngs(tmp_path / "one"), tar_pngs(tmp_path / "two")
+    assert sorted(one) == list(range(16)) and one == two
+    assert len(set(one.values())) == 16
+    for name in ("000000.tar", "000001.tar"):
+        assert (tmp_path / "one" / "samples" / name).read_bytes() == (tmp_path / "two" / "samples" / name).read_bytes()
+
+
+def test_a_stopped_job_resumes_to_exactly_n_distinct_samples(tmp_path, registered, ray_local):
+    args = ["--model", registered["checkpoint"], "--num", "24", "--actors", "2", "--features", "none",
+            *common(registered, tmp_path / "out")]
+    assert sample_main(args) == 0
+    first = tar_pngs(tmp_path / "out")
+    kept = (tmp_path / "out" / "samples" / "000000.tar").stat().st_mtime_ns
+    (tmp_path / "out" / "samples" / "000001.tar").unlink()  # never finished
+    (tmp_path / "out" / "_progress" / "000001.json").unlink()
+    damaged = tmp_path / "out" / "samples" / "000002.tar"
+    damaged.write_bytes(damaged.read_bytes()[:500])  # cut short by the stop
+    assert sample_main(args) == 0
+    assert (tmp_path / "out" / "samples" / "000000.tar").stat().st_mtime_ns == kept  # reused
+    again = tar_pngs(tmp_path / "out")
+    assert sorted(again) == list(range(24)) and again == first
+
+
+def test_bad_inputs_get_one_clear_error(tmp_path, registered, ray_local, caplog, monkeypatch):
+    caplog.set_level(logging.ERROR)
+
+    def fails(args, message):
+        caplog.clear()
+        assert sample_main(args) == 2
+        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
+        assert len(errors) == 1 and message in errors[0], errors
+
+    out = tmp_path / "out"
+    base = ["--num", "16", "--allow-small-n", *common(registered, out)]
+    fails(["--model", "models:/ddpm-nope@candidate", *base], "model models:/ddpm-nope@candidate does not exist")
+    fails(["--model", str(tmp_path), *base], "is incomplete: missing model.safetensors")
+    fails(["--model", registered["checkpoint"], "--num", "16", *common(registered, out)],
+          "N=16 is smaller than the feature dimension 2048")
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setattr("ddpm_core.inception.CACHE_DIR", tmp_path / "empty-cache")
+    fails(["--model", registered["checkpoint"], *base], "no Inception weights for FID")
+    fake = tmp_path / "inception.pth"
+    fake.write_bytes(b"not the weights")
+    fails(["--model", registered["checkpoint"], "--inception-weights", str(fake), *base],
+          "which is not the FID network")
+    (tmp_path / "bad.npz").write_bytes(save_reference(np.zeros(64), np.eye(64)))
+    fails(["--model", registered["checkpoint"], "--features", "random-init", "--ref", str(tmp_path / "bad.npz"),
+           *base], "has mu (64,) and sigma (64, 64); expected (2048,) and (2048, 2048)")
+    fails(["--model", registered["checkpoint"], "--features", "random-init", "--ref", str(tmp_path / "none.npz"),
+           *base], "none.npz does not exist")
+    assert not out.exists() or not list(out.rglob("*.tar"))  # nothing sampled so far
+    assert sample_main(["--model", registered["checkpoint"], "--features", "none", *base]) == 0
+    fails(["--model", registered["checkpoint"], "--features", "none", "--seed", "1", *base],
+          "holds samples of another model or setting")
