@@ -319,13 +319,16 @@ def _run(args: argparse.Namespace) -> int:
                    "loader_workers": args.loader_workers, "compile": args.compile, "bf16": args.bf16,
                    "threads_per_worker": threads}
     hooks = {k: os.environ[k] for k in TEST_HOOKS if k in os.environ}
+    filesystem = storage_filesystem(storage_uri)
+    # With an explicit pyarrow filesystem Ray wants "bucket/prefix", not "s3://bucket/prefix".
+    storage_path = storage_uri[len("s3://"):] if filesystem is not None else storage_uri
     trainer = TorchTrainer(
         train_loop_per_worker,
         train_loop_config=loop_config,
         torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=storage_uri, storage_filesystem=storage_filesystem(storage_uri),
+            name=name, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=args.max_failures),
             worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **hooks}},
