@@ -58,6 +58,34 @@ def run_train(args: argparse.Namespace) -> int:
     return run(args)
 
 
+def run_sample(args: argparse.Namespace) -> int:
+    if args.progressive:
+        from pipelines import paper_figures
+
+        return paper_figures.run(args, paper_figures.progressive)
+    from pipelines.sample_fid import run
+
+    return run(args)
+
+
+def run_fid(args: argparse.Namespace) -> int:
+    from pipelines.sample_fid import run
+
+    return run(args)
+
+
+def run_fid_reference(args: argparse.Namespace) -> int:
+    from pipelines.fid_reference import run
+
+    return run(args)
+
+
+def run_interpolate(args: argparse.Namespace) -> int:
+    from pipelines import paper_figures
+
+    return paper_figures.run(args, paper_figures.interpolate)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -83,6 +111,34 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_train_arguments(train)
     train.set_defaults(run=run_train)
+
+    from pipelines.fid_reference import add_arguments as add_reference_arguments
+    from pipelines.paper_figures import add_interpolate_arguments
+    from pipelines.sample_fid import add_arguments as add_sample_arguments
+
+    sample = commands.add_parser(
+        "sample", help="sample N images into tars (or, with --progressive, the paper's Fig. 6 strip)",
+        description="Run the sampling job (pipelines/sample_fid.py) without scoring unless --features is given. "
+                    "With --progressive, write x̂0 every --every steps for --num images to the PNG --out.")
+    add_sample_arguments(sample, features_default="none")
+    sample.add_argument("--progressive", action="store_true", help="write the Fig. 6 strip to --out (a PNG)")
+    sample.add_argument("--every", type=int, default=100, help="steps between x̂0 snapshots (--progressive)")
+    sample.set_defaults(run=run_sample)
+
+    fid = commands.add_parser("fid", help="sample N images and score them (FID, IS) against --ref",
+                              description="Run the sampling and scoring job (pipelines/sample_fid.py).")
+    add_sample_arguments(fid)
+    fid.set_defaults(run=run_fid)
+
+    reference = commands.add_parser("fid-ref", help="compute a dataset's FID reference statistics",
+                                    description="Run pipelines/fid_reference.py: fid_stats.npz next to the shards.")
+    add_reference_arguments(reference)
+    reference.set_defaults(run=run_fid_reference)
+
+    interpolate = commands.add_parser("interpolate", help="the paper's Fig. 8: two images mixed at step t",
+                                      description="Diffuse two images to step t, mix, decode; write a PNG row.")
+    add_interpolate_arguments(interpolate)
+    interpolate.set_defaults(run=run_interpolate)
     return parser
 
 

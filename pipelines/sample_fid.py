@@ -145,7 +145,6 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import mlflow
     import ray
 
     from pipelines.model_source import load_model, resolve_model
@@ -205,17 +204,20 @@ def _run(args: argparse.Namespace) -> int:
         is_label = "inception_score" if args.features == "inception" else "pseudo_inception_score"
         result[is_label], result[f"{is_label}_std"] = scores.inception_score()
     storage.write_bytes("fid.json", json.dumps(result, indent=2, sort_keys=True).encode())
-    log_results(client, mlflow, result, version, storage, label)
+    log_results(client, tracking_uri, result, version, storage, label)
     log.info("done: %s", {k: result[k] for k in result if "fid" in k or "inception_score" in k} or "samples only")
     return 0
 
 
-def log_results(client, mlflow, result: dict, version, storage, label: str) -> None:
+def log_results(client, tracking_uri: str, result: dict, version, storage, label: str) -> None:
     """An MLflow evaluation run (params, metrics, the first 64 samples) and tags on the model version."""
+    import mlflow
+
+    from pipelines.tracking import experiment_id
+
     experiment = client.get_run(version.run_id).info.experiment_id if version and version.run_id else None
     if experiment is None:
-        existing = client.get_experiment_by_name("ddpm-evaluations")
-        experiment = existing.experiment_id if existing else client.create_experiment("ddpm-evaluations")
+        experiment = experiment_id(client, "ddpm-evaluations", tracking_uri)
     metrics = {k: v for k, v in result.items() if isinstance(v, float) and k not in ("eta",)}
     params = {k: v for k, v in result.items() if k not in metrics}
     with mlflow.start_run(experiment_id=experiment, run_name=f"eval-{result['sampler']}-{result['num']}",

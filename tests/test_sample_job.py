@@ -154,3 +154,26 @@ def test_bad_inputs_get_one_clear_error(tmp_path, registered, ray_local, caplog,
     assert sample_main(["--model", registered["checkpoint"], "--features", "none", *base]) == 0
     fails(["--model", registered["checkpoint"], "--features", "none", "--seed", "1", *base],
           "holds samples of another model or setting")
+
+
+def test_progressive_strip_and_interpolation_figures(tmp_path, registered):
+    from PIL import Image
+
+    from pipelines.cli import main as ddpm
+    from tests.datasets import photo_like
+
+    strip = tmp_path / "fig6.png"
+    assert ddpm(["sample", "--progressive", "--model", registered["checkpoint"], "--num", "2", "--every", "250",
+                 "--out", str(strip)]) == 0
+    # 2 rows × 5 snapshots (t = 999, 750, 500, 250, 0) of 16×16 with 2-pixel gutters.
+    assert Image.open(strip).size == (5 * 18 + 2, 2 * 18 + 2)
+    rng = np.random.default_rng(0)
+    for name in ("a.png", "b.png"):
+        photo_like(rng, 40, 30).save(tmp_path / name)
+    row = tmp_path / "fig8.png"
+    assert ddpm(["interpolate", "--model", registered["checkpoint"], "--images", str(tmp_path / "a.png"),
+                 str(tmp_path / "b.png"), "--t", "300", "--steps-between", "3", "--out", str(row)]) == 0
+    pixels = np.asarray(Image.open(row))
+    assert pixels.shape == (18 + 2, 7 * 18 + 2, 3)  # source, λ = 0, 1/4, 1/2, 3/4, 1, source
+    assert ddpm(["interpolate", "--model", str(tmp_path / "nothing"), "--images", str(tmp_path / "a.png"),
+                 str(tmp_path / "b.png"), "--out", str(row)]) == 2
