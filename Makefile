@@ -28,6 +28,7 @@ bench: setup
 	$(BIN)/python bench/unet_cpu.py
 	$(BIN)/python bench/shard_throughput.py
 	$(BIN)/python bench/train_cpu.py
+	$(BIN)/python bench/sample_cpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
