@@ -8,7 +8,6 @@ unpickles and downloads), and a seeded random-init variant for development ("pse
 
 from __future__ import annotations
 
-import hashlib
 import os
 from pathlib import Path
 
@@ -24,6 +23,8 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
     InceptionE_2,
 )
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
+
+from .storage import sha256_file
 
 # The pytorch-fid / torch-fidelity state_dict of the TF 2015-12-05 graph (95,628,359 bytes).
 ACCEPTED_WEIGHTS = {
@@ -55,19 +56,11 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
             f"Inception state_dict ({FILE_NAMES[0]}, sha256 {next(iter(ACCEPTED_WEIGHTS))}) there, or pass "
             f"--inception-weights PATH / set {WEIGHTS_ENV}; nothing is downloaded. For development only, "
             "--features random-init gives a pseudo-FID.")
-    digest = sha256_of(found)
+    digest = sha256_file(found)
     if digest not in ACCEPTED_WEIGHTS:
         raise InceptionWeightsError(f"Inception weights {found} have sha256 {digest}, which is not the FID network "
                                     f"(accepted: {', '.join(ACCEPTED_WEIGHTS)})")
     return found
-
-
-def sha256_of(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 class FIDInception(nn.Module):
@@ -109,7 +102,7 @@ class FIDInception(nn.Module):
         except RuntimeError as error:
             raise InceptionWeightsError(f"{found} does not fit the FID Inception network: "
                                         f"{str(error).splitlines()[0]}") from None
-        return model, sha256_of(found)
+        return model, sha256_file(found)
 
     @classmethod
     def random_init(cls, seed: int = 0) -> FIDInception:

@@ -13,6 +13,7 @@ import argparse
 import io
 import logging
 import sys
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -20,9 +21,9 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ddpm_core.fid import StatsError, image_statistics, save_reference
-from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights, sha256_of
+from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights
 from ddpm_core.sharding import DatasetError, read_dataset_info, read_manifest
-from ddpm_core.storage import StorageError, open_storage
+from ddpm_core.storage import StorageError, open_storage, sha256_file
 from pipelines.sample_fid import RANDOM_INIT_SEED, merge_statistics, statistics_row
 
 log = logging.getLogger("ddpm.fid_reference")
@@ -79,7 +80,7 @@ def _run(args: argparse.Namespace) -> int:
     storage = open_storage(args.data)
     rows, info = read_manifest(storage), read_dataset_info(storage)
     weights = str(find_weights(args.inception_weights)) if args.features == "inception" else None
-    extractor = sha256_of(weights) if weights else f"random-init(seed={RANDOM_INIT_SEED})"
+    extractor = sha256_file(Path(weights)) if weights else f"random-init(seed={RANDOM_INIT_SEED})"
     name = args.out or ("fid_stats.npz" if args.features == "inception" else "fid_stats_pseudo.npz")
     init_ray(args.address)
     offsets = np.cumsum([0] + [row["num_samples"] for row in rows])

@@ -17,6 +17,7 @@ import json
 import logging
 import sys
 import time
+from pathlib import Path
 
 import numpy as np
 import torch
@@ -32,7 +33,7 @@ from ddpm_core.fid import (
     image_statistics,
     load_reference,
 )
-from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights, sha256_of
+from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights
 from ddpm_core.pixels import image_grid, to_uint8
 from ddpm_core.sampling import (
     SAMPLERS,
@@ -43,7 +44,7 @@ from ddpm_core.sampling import (
     sample_images,
     write_sample_tar,
 )
-from ddpm_core.storage import StorageError, open_storage, read_uri
+from ddpm_core.storage import StorageError, open_storage, read_uri, sha256_file
 
 log = logging.getLogger("ddpm.sample")
 FEATURES = ("inception", "random-init", "none")
@@ -164,7 +165,7 @@ def _run(args: argparse.Namespace) -> int:
     weights, weights_sha = None, None
     if args.features == "inception":
         weights = str(find_weights(args.inception_weights))
-        weights_sha = sha256_of(weights)
+        weights_sha = sha256_file(Path(weights))
     elif args.features == "random-init":
         weights_sha = f"random-init(seed={RANDOM_INIT_SEED})"
     reference, reference_sha = None, None

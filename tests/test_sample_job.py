@@ -1,5 +1,6 @@
 """Integration: mass sampling and scoring on a real local Ray (Ray Data actors) and MLflow store."""
 
+import io
 import json
 import logging
 import tarfile
@@ -20,6 +21,7 @@ from ddpm_core.unet import UNet
 from pipelines.fid_reference import main as reference_main
 from pipelines.sample_fid import main as sample_main
 from pipelines.train import register
+from tests.errors import expect_one_error
 from tests.test_loader import make_dataset
 
 
@@ -62,25 +64,35 @@ def tar_pngs(folder: Path) -> dict[int, bytes]:
     return pngs
 
 
-def test_model_to_pseudo_fid_end_to_end(tmp_path, registered, ray_local):
-    make_dataset(tmp_path, str(tmp_path / "data"), n=25, per_shard=8, resolution=16)
-    assert reference_main(["--data", str(tmp_path / "data"), "--features", "random-init",
+def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s3_bucket):
+    from ddpm_core.storage import s3_client
+
+    make_dataset(tmp_path, f"s3://{s3_bucket}/data", n=25, per_shard=8, resolution=16)
+    assert reference_main(["--data", f"s3://{s3_bucket}/data", "--features", "random-init",
                            "--cpus-per-actor", "0.5"]) == 0
-    with np.load(tmp_path / "data" / "fid_stats_pseudo.npz") as ref:
+
+    def read(key):
+        return s3_client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
+
+    with np.load(io.BytesIO(read("data/fid_stats_pseudo.npz"))) as ref:
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and int(ref["n"]) == 24
-    out = tmp_path / "samples"
+    out = f"s3://{s3_bucket}/samples"
     assert sample_main(["--model", "models:/ddpm-tiny@candidate", "--num", "20", "--actors", "2",
                         "--features", "random-init", "--allow-small-n",
-                        "--ref", str(tmp_path / "data" / "fid_stats_pseudo.npz"), *common(registered, out)]) == 0
+                        "--ref", f"s3://{s3_bucket}/data/fid_stats_pseudo.npz", *common(registered, out)]) == 0
 
-    result = json.loads((out / "fid.json").read_text())
+    result = json.loads(read("samples/fid.json"))
     assert "fid" not in result and "inception_score" not in result  # never called FID without the real network
     assert result["pseudo_fid"] > 0 and result["pseudo_inception_score"] >= 1.0
     assert result["model"] == f"models:/ddpm-tiny/{registered['version']}" and result["num"] == 20
     assert result["reference_sha256"] and result["inception_weights_sha256"] == "random-init(seed=0)"
-    spec = json.loads((out / "samples.json").read_text())
+    spec = json.loads(read("samples/samples.json"))
     assert (spec["sampler"], spec["steps"], spec["seed"], spec["num"]) == ("ddim", 4, 0, 20)
-    assert sorted(tar_pngs(out)) == list(range(20))
+    keys = []
+    for k in range(3):
+        with tarfile.open(fileobj=io.BytesIO(read(f"samples/samples/{k:06d}.tar"))) as tar:
+            keys += [int(name.split(".")[0]) for name in tar.getnames()]
+    assert keys == list(range(20))
 
     client = MlflowClient(registered["tracking"])
     version = client.get_model_version("ddpm-tiny", registered["version"])
@@ -127,10 +139,7 @@ def test_bad_inputs_get_one_clear_error(tmp_path, registered, ray_local, caplog,
     caplog.set_level(logging.ERROR)
 
     def fails(args, message):
-        caplog.clear()
-        assert sample_main(args) == 2
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and message in errors[0], errors
+        expect_one_error(caplog, sample_main, args, message)
 
     out = tmp_path / "out"
     base = ["--num", "16", "--allow-small-n", *common(registered, out)]

@@ -20,6 +20,7 @@ from PIL import Image
 from ddpm_core.storage import s3_client
 from pipelines.shard import main as shard_main
 from tests.datasets import make_cifar_batches, make_image_folder, make_lsun_lmdb, photo_like
+from tests.errors import expect_one_error
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -184,10 +185,7 @@ def test_bad_inputs_fail_before_any_work_with_one_clear_error(tmp_path, caplog, 
     (tmp_path / "file").write_text("x")
 
     def fails(args, message):
-        caplog.clear()
-        assert shard_main(args) == 2
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and message in errors[0], errors
+        expect_one_error(caplog, shard_main, args, message)
 
     lsun = ["--source", "lsun", "--input", str(tmp_path / "lmdb")]
     fails(["--source", "lsun", "--input", str(tmp_path / "nope"), "--out", str(tmp_path / "o")], "does not exist")

@@ -17,6 +17,7 @@ from safetensors.torch import load_file
 
 from ddpm_core.checkpoint import load_ema_unet, read_state
 from pipelines.train import main as train_main
+from tests.errors import expect_one_error
 from tests.test_loader import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -153,10 +154,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path, dataset, ray_local, ca
     caplog.set_level(logging.ERROR)
 
     def fails(args, message):
-        caplog.clear()
-        assert train_main(args) == 2
-        errors = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]
-        assert len(errors) == 1 and message in errors[0], errors
+        expect_one_error(caplog, train_main, args, message)
 
     base = job(tmp_path, dataset)
     (tmp_path / "incomplete").mkdir()
