@@ -69,7 +69,10 @@ class RankZeroTracker:
 
 
 def _test_hooks(step: int, rank: int, keys: list[str], model: torch.nn.Module) -> None:
-    """Environment-controlled hooks for the integration tests only: a fault, and a per-step trace."""
+    """Environment-controlled hooks for the integration tests only: a fault, and a per-step trace.
+
+    Called only when one of TEST_HOOKS is set, so a real run pays nothing for them.
+    """
     fail_at = os.environ.get("DDPM_TEST_FAIL_AT_STEP")
     if fail_at and step == int(fail_at) and rank == int(os.environ.get("DDPM_TEST_FAIL_RANK", "0")):
         once = os.environ.get("DDPM_TEST_FAIL_ONCE")
@@ -118,6 +121,8 @@ def train_loop_per_worker(loop: dict) -> dict:
     tracker = RankZeroTracker(loop["tracking_uri"], loop["run_id"]) if rank == 0 else None
 
     step, epoch, skip = state.step, state.epoch, state.batch_in_epoch
+    config_dict = config.to_dict()
+    test_hooks = any(os.environ.get(name) for name in TEST_HOOKS)
     consecutive_nonfinite, window, window_start, window_first_step = 0, [], time.monotonic(), step
     autocast = torch.bfloat16 if cuda and loop["bf16"] else None
     while step < train.steps:
@@ -125,7 +130,8 @@ def train_loop_per_worker(loop: dict) -> dict:
         for index, (images, keys) in enumerate(loader):
             if index < skip:  # the batches this epoch had consumed before the checkpoint
                 continue
-            _test_hooks(step, rank, keys, model)
+            if test_hooks:
+                _test_hooks(step, rank, keys, model)
             # Every rank and step has its own seed: t, ε and dropout are reproducible across resumes.
             torch.manual_seed(image_seed(train.seed, step * world + rank))
             x0 = images.to(device, non_blocking=True)
@@ -133,7 +139,7 @@ def train_loop_per_worker(loop: dict) -> dict:
                 x0 = x0.contiguous(memory_format=torch.channels_last)
             result = train_step(ddp, diffusion, optimizer, ema, x0, step, train, autocast_dtype=autocast)
             step += 1
-            state = TrainingState(step, config.to_dict(), epoch, index + 1, train.seed,
+            state = TrainingState(step, config_dict, epoch, index + 1, train.seed,
                                   state.nonfinite_steps + (not result.applied))
             if result.applied:
                 consecutive_nonfinite = 0
