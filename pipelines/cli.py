@@ -86,6 +86,12 @@ def run_interpolate(args: argparse.Namespace) -> int:
     return paper_figures.run(args, paper_figures.interpolate)
 
 
+def run_convert(args: argparse.Namespace) -> int:
+    from pipelines.convert import run
+
+    return run(args)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -139,6 +145,13 @@ def build_parser() -> argparse.ArgumentParser:
                                       description="Diffuse two images to step t, mix, decode; write a PNG row.")
     add_interpolate_arguments(interpolate)
     interpolate.set_defaults(run=run_interpolate)
+
+    from pipelines.convert import add_arguments as add_convert_arguments
+
+    convert = commands.add_parser("convert", help="diffusers folders in (and registered) or out",
+                                  description="Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).")
+    add_convert_arguments(convert)
+    convert.set_defaults(run=run_convert)
     return parser
 
 

@@ -1,0 +1,177 @@
+"""The bridge to Hugging Face diffusers: `UNet2DModel` folders in and out, tensor for tensor.
+
+A DDPM-faithful diffusers UNet (the released `google/ddpm-*` layout: `flip_sin_to_cos=False`,
+`freq_shift=1`, `downsample_padding=0`, `norm_eps=1e-6`, `attention_head_dim=None`) has exactly our
+tensors under other names; attention projections are Linear there and 1×1 convolutions here.
+Import is strict (every tensor mapped, none left over); export writes a folder that
+`DDPMPipeline.from_pretrained` loads. Reading and writing use safetensors and JSON only, and this
+module does not need diffusers installed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from .config import Config, ConfigError, ModelConfig
+from .presets import PRESETS
+from .unet import UNet
+
+WEIGHTS = "diffusion_pytorch_model.safetensors"
+RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
+          "nin_shortcut": "conv_shortcut"}
+ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
+# What a DDPM-faithful UNet2DModel config must say (shared/reference/ddpm.md §3.1).
+FAITHFUL = {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_eps": 1e-6,
+            "norm_num_groups": 32, "act_fn": "silu", "attention_head_dim": None, "mid_block_scale_factor": 1,
+            "resnet_time_scale_shift": "default", "time_embedding_type": "positional"}
+
+
+class BridgeError(ValueError):
+    """A diffusers folder or model that does not map onto the DDPM U-Net, with the reason."""
+
+
+def key_map(config: ModelConfig) -> dict[str, str]:
+    """Our parameter name → diffusers' name, for every tensor of the model."""
+    names = {"temb.dense.0": "time_embedding.linear_1", "temb.dense.1": "time_embedding.linear_2",
+             "conv_in": "conv_in", "norm_out": "conv_norm_out", "conv_out": "conv_out",
+             "mid.attn_1": "mid_block.attentions.0"}
+    levels = len(config.ch_mult)
+    modules: dict[str, tuple[str, dict]] = {}
+    for i in range(levels):
+        up = levels - 1 - i  # diffusers counts the up path from the bottom
+        for j in range(config.num_res_blocks):
+            modules[f"down.{i}.block.{j}"] = (f"down_blocks.{i}.resnets.{j}", RESNET)
+            modules[f"down.{i}.attn.{j}"] = (f"down_blocks.{i}.attentions.{j}", ATTENTION)
+        for j in range(config.num_res_blocks + 1):
+            modules[f"up.{i}.block.{j}"] = (f"up_blocks.{up}.resnets.{j}", RESNET)
+            modules[f"up.{i}.attn.{j}"] = (f"up_blocks.{up}.attentions.{j}", ATTENTION)
+        names[f"down.{i}.downsample.conv"] = f"down_blocks.{i}.downsamplers.0.conv"
+        names[f"up.{i}.upsample.conv"] = f"up_blocks.{up}.upsamplers.0.conv"
+    modules["mid.block_1"] = ("mid_block.resnets.0", RESNET)
+    modules["mid.block_2"] = ("mid_block.resnets.1", RESNET)
+    modules["mid.attn_1"] = ("mid_block.attentions.0", ATTENTION)
+    for ours, (theirs, parts) in modules.items():
+        names.update({f"{ours}.{a}": f"{theirs}.{b}" for a, b in parts.items()})
+    with torch.device("meta"):
+        model_keys = UNet(config).state_dict().keys()
+    mapping = {}
+    for key in model_keys:
+        module, _, tensor = key.rpartition(".")
+        if module not in names:
+            raise BridgeError(f"no diffusers name for {key}")
+        mapping[key] = f"{names[module]}.{tensor}"
+    return mapping
+
+
+def _is_attention_projection(our_key: str) -> bool:
+    """Attention q/k/v/proj_out weights: 1×1 convolutions here, Linear layers in diffusers."""
+    module, _, tensor = our_key.rpartition(".")
+    return ".attn" in module and module.rsplit(".", 1)[-1] in ("q", "k", "v", "proj_out") and tensor == "weight"
+
+
+def to_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {}
+    for ours, theirs in key_map(config).items():
+        tensor = state[ours]
+        out[theirs] = tensor[:, :, 0, 0].contiguous() if _is_attention_projection(ours) else tensor.contiguous()
+    return out
+
+
+def from_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    """Strict: every diffusers tensor must be mapped and every one of ours found."""
+    mapping = key_map(config)
+    missing = sorted(set(mapping.values()) - set(state))
+    extra = sorted(set(state) - set(mapping.values()))
+    if missing or extra:
+        raise BridgeError(f"diffusers weights do not match the DDPM U-Net: {len(missing)} missing "
+                          f"(e.g. {missing[:3]}), {len(extra)} left over (e.g. {extra[:3]})")
+    out = {}
+    for ours, theirs in mapping.items():
+        tensor = state[theirs]
+        out[ours] = tensor[:, :, None, None] if _is_attention_projection(ours) else tensor
+    return out
+
+
+def diffusers_config(config: ModelConfig) -> dict:
+    """The UNet2DModel config of our architecture (the released google/ddpm-* layout)."""
+    resolution = config.resolution
+    down, up = [], []
+    for i in range(len(config.ch_mult)):
+        attention = (resolution // 2**i) in config.attn_resolutions
+        down.append("AttnDownBlock2D" if attention else "DownBlock2D")
+        up.insert(0, "AttnUpBlock2D" if attention else "UpBlock2D")
+    return {"_class_name": "UNet2DModel", "sample_size": resolution, "in_channels": config.in_channels,
+            "out_channels": config.out_channels, "block_out_channels": [config.ch * m for m in config.ch_mult],
+            "down_block_types": down, "up_block_types": up, "layers_per_block": config.num_res_blocks,
+            "dropout": config.dropout, "center_input_sample": False, "add_attention": True, **FAITHFUL}
+
+
+def model_config_from_diffusers(data: dict, name: str) -> ModelConfig:
+    unfaithful = {k: data.get(k) for k, v in FAITHFUL.items() if k in data and data[k] != v}
+    if unfaithful:
+        expected = {k: FAITHFUL[k] for k in unfaithful}
+        raise BridgeError(f"{name} is not a DDPM U-Net: {unfaithful} differ from {expected}")
+    channels = data["block_out_channels"]
+    ch = channels[0]
+    if any(c % ch for c in channels):
+        raise BridgeError(f"{name}: block_out_channels {channels} are not multiples of the first")
+    resolution = data["sample_size"]
+    attention = tuple(resolution // 2**i for i, kind in enumerate(data["down_block_types"]) if "Attn" in kind)
+    try:
+        return ModelConfig(resolution=resolution, ch=ch, ch_mult=tuple(c // ch for c in channels),
+                           num_res_blocks=data["layers_per_block"], attn_resolutions=attention,
+                           dropout=data.get("dropout", 0.0), in_channels=data.get("in_channels", 3),
+                           out_channels=data.get("out_channels", 3))
+    except ConfigError as error:
+        raise BridgeError(f"{name}: {error}") from None
+
+
+def matching_preset(model: ModelConfig, variance: str | None) -> Config:
+    """The preset with this architecture (and variance, when known); dropout is a training setting."""
+    for preset in PRESETS.values():
+        if replace(preset.model, dropout=model.dropout) == model and variance in (None, preset.diffusion.variance):
+            return replace(preset, model=model)
+    raise BridgeError(f"no preset has this architecture ({model}); add one or pass overrides")
+
+
+def import_folder(path: str | Path) -> tuple[UNet, Config]:
+    """A diffusers pipeline folder (unet/ + scheduler/) or a bare UNet2DModel folder → our model and Config."""
+    root = Path(path)
+    unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
+    if not (unet_dir / "config.json").is_file() or not (unet_dir / WEIGHTS).is_file():
+        raise BridgeError(f"{root} is not a diffusers folder: expected config.json and {WEIGHTS} "
+                          "(or unet/ holding them)")
+    model_config = model_config_from_diffusers(json.loads((unet_dir / "config.json").read_text()), str(unet_dir))
+    variance = None
+    scheduler = root / "scheduler" / "scheduler_config.json"
+    if scheduler.is_file():
+        variance = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall"}.get(
+            json.loads(scheduler.read_text()).get("variance_type"))
+    config = matching_preset(model_config, variance)
+    model = UNet(config.model)
+    model.load_state_dict(from_diffusers(load_file(str(unet_dir / WEIGHTS)), config.model))
+    return model.eval(), config
+
+
+def export_folder(model: UNet, config: Config, path: str | Path) -> Path:
+    """Write a folder that `DDPMPipeline.from_pretrained(path)` loads: unet/, scheduler/, model_index.json."""
+    root = Path(path)
+    (root / "unet").mkdir(parents=True, exist_ok=True)
+    (root / "scheduler").mkdir(exist_ok=True)
+    save_file(to_diffusers(model.state_dict(), config.model), str(root / "unet" / WEIGHTS))
+    (root / "unet" / "config.json").write_text(json.dumps(diffusers_config(config.model), indent=2))
+    d = config.diffusion
+    scheduler = {"_class_name": "DDPMScheduler", "num_train_timesteps": d.timesteps, "beta_start": d.beta_start,
+                 "beta_end": d.beta_end, "beta_schedule": "linear", "clip_sample": d.clip_denoised,
+                 "clip_sample_range": 1.0, "prediction_type": "epsilon",
+                 "variance_type": {"fixedlarge": "fixed_large", "fixedsmall": "fixed_small"}[d.variance]}
+    (root / "scheduler" / "scheduler_config.json").write_text(json.dumps(scheduler, indent=2))
+    (root / "model_index.json").write_text(json.dumps({"_class_name": "DDPMPipeline",
+                                                       "unet": ["diffusers", "UNet2DModel"],
+                                                       "scheduler": ["diffusers", "DDPMScheduler"]}, indent=2))
+    return root
