@@ -29,6 +29,7 @@ bench: setup
 	$(BIN)/python bench/shard_throughput.py
 	$(BIN)/python bench/train_cpu.py
 	$(BIN)/python bench/sample_cpu.py
+	$(BIN)/python bench/vs_diffusers.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
