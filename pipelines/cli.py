@@ -1,16 +1,18 @@
 """The `ddpm` command: one subcommand per job of the pipeline.
 
-Subcommands import their job lazily, so `ddpm presets` starts fast and needs neither Ray nor MLflow.
+Every job imports Ray and MLflow only when it runs, so `ddpm --help` and `ddpm presets` need neither.
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 
 from ddpm_core.model_stats import preset_summary
 from ddpm_core.presets import PRESETS
+from pipelines import convert, fid_reference, paper_figures, sample_fid, shard, train
 
 TABLE_COLUMNS = (
     ("name", "preset", "{}"),
@@ -46,50 +48,10 @@ def run_presets(args: argparse.Namespace) -> int:
     return 0
 
 
-def run_shard(args: argparse.Namespace) -> int:
-    from pipelines.shard import run
-
-    return run(args)
-
-
-def run_train(args: argparse.Namespace) -> int:
-    from pipelines.train import run
-
-    return run(args)
-
-
 def run_sample(args: argparse.Namespace) -> int:
     if args.progressive:
-        from pipelines import paper_figures
-
         return paper_figures.run(args, paper_figures.progressive)
-    from pipelines.sample_fid import run
-
-    return run(args)
-
-
-def run_fid(args: argparse.Namespace) -> int:
-    from pipelines.sample_fid import run
-
-    return run(args)
-
-
-def run_fid_reference(args: argparse.Namespace) -> int:
-    from pipelines.fid_reference import run
-
-    return run(args)
-
-
-def run_interpolate(args: argparse.Namespace) -> int:
-    from pipelines import paper_figures
-
-    return paper_figures.run(args, paper_figures.interpolate)
-
-
-def run_convert(args: argparse.Namespace) -> int:
-    from pipelines.convert import run
-
-    return run(args)
+    return sample_fid.run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -102,56 +64,46 @@ def build_parser() -> argparse.ArgumentParser:
     presets.add_argument("--json", action="store_true", help="print the same fields (and notes) as JSON")
     presets.set_defaults(run=run_presets)
 
-    shard = commands.add_parser(
+    shard_command = commands.add_parser(
         "shard", help="shard LSUN / CelebA-HQ / an image folder / CIFAR-10 into WebDataset tars",
         description="Run the sharding job (pipelines/shard.py): one Ray task per shard, resumable.")
-    from pipelines.shard import add_arguments as add_shard_arguments
+    shard.add_arguments(shard_command)
+    shard_command.set_defaults(run=shard.run)
 
-    add_shard_arguments(shard)
-    shard.set_defaults(run=run_shard)
-
-    train = commands.add_parser(
+    train_command = commands.add_parser(
         "train", help="train a preset with Ray Train DDP, MLflow tracking and registration",
         description="Run the training job (pipelines/train.py). The same --name resumes the run.")
-    from pipelines.train import add_arguments as add_train_arguments
-
-    add_train_arguments(train)
-    train.set_defaults(run=run_train)
-
-    from pipelines.fid_reference import add_arguments as add_reference_arguments
-    from pipelines.paper_figures import add_interpolate_arguments
-    from pipelines.sample_fid import add_arguments as add_sample_arguments
+    train.add_arguments(train_command)
+    train_command.set_defaults(run=train.run)
 
     sample = commands.add_parser(
         "sample", help="sample N images into tars (or, with --progressive, the paper's Fig. 6 strip)",
         description="Run the sampling job (pipelines/sample_fid.py) without scoring unless --features is given. "
                     "With --progressive, write x̂0 every --every steps for --num images to the PNG --out.")
-    add_sample_arguments(sample, features_default="none")
+    sample_fid.add_arguments(sample, features_default="none")
     sample.add_argument("--progressive", action="store_true", help="write the Fig. 6 strip to --out (a PNG)")
     sample.add_argument("--every", type=int, default=100, help="steps between x̂0 snapshots (--progressive)")
     sample.set_defaults(run=run_sample)
 
     fid = commands.add_parser("fid", help="sample N images and score them (FID, IS) against --ref",
                               description="Run the sampling and scoring job (pipelines/sample_fid.py).")
-    add_sample_arguments(fid)
-    fid.set_defaults(run=run_fid)
+    sample_fid.add_arguments(fid)
+    fid.set_defaults(run=sample_fid.run)
 
     reference = commands.add_parser("fid-ref", help="compute a dataset's FID reference statistics",
                                     description="Run pipelines/fid_reference.py: fid_stats.npz next to the shards.")
-    add_reference_arguments(reference)
-    reference.set_defaults(run=run_fid_reference)
+    fid_reference.add_arguments(reference)
+    reference.set_defaults(run=fid_reference.run)
 
     interpolate = commands.add_parser("interpolate", help="the paper's Fig. 8: two images mixed at step t",
                                       description="Diffuse two images to step t, mix, decode; write a PNG row.")
-    add_interpolate_arguments(interpolate)
-    interpolate.set_defaults(run=run_interpolate)
+    paper_figures.add_interpolate_arguments(interpolate)
+    interpolate.set_defaults(run=functools.partial(paper_figures.run, figure=paper_figures.interpolate))
 
-    from pipelines.convert import add_arguments as add_convert_arguments
-
-    convert = commands.add_parser("convert", help="diffusers folders in (and registered) or out",
+    bridge = commands.add_parser("convert", help="diffusers folders in (and registered) or out",
                                   description="Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).")
-    add_convert_arguments(convert)
-    convert.set_defaults(run=run_convert)
+    convert.add_arguments(bridge)
+    bridge.set_defaults(run=convert.run)
     return parser
 
 
