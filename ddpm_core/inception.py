@@ -33,6 +33,9 @@ ACCEPTED_WEIGHTS = {
         "weights-inception-2015-12-05-6726825d.pth)",
 }
 WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
+# sha256s of further state_dicts an operator vouches for (e.g. their own conversion of the TF graph,
+# checked against published statistics); comma-separated. Every score records the sha it used.
+TRUSTED_ENV = "DDPM_INCEPTION_TRUSTED_SHA256"
 CACHE_DIR = Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm-ray")) / "inception"
 FILE_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299
@@ -40,6 +43,12 @@ INPUT_SIZE = 299
 
 class InceptionWeightsError(ValueError):
     """No verified FID weights: says where to put the file."""
+
+
+def accepted_weights() -> set[str]:
+    """The sha256s that make a score an FID: the TF 2015-12-05 graph's, and any the operator vouches for."""
+    trusted = {d.strip().lower() for d in os.environ.get(TRUSTED_ENV, "").split(",") if d.strip()}
+    return set(ACCEPTED_WEIGHTS) | trusted
 
 
 def find_weights(path: str | os.PathLike | None = None) -> Path:
@@ -57,9 +66,9 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
             f"--inception-weights PATH / set {WEIGHTS_ENV}; nothing is downloaded. For development only, "
             "--features random-init gives a pseudo-FID.")
     digest = sha256_file(found)
-    if digest not in ACCEPTED_WEIGHTS:
+    if digest not in accepted_weights():
         raise InceptionWeightsError(f"Inception weights {found} have sha256 {digest}, which is not the FID network "
-                                    f"(accepted: {', '.join(ACCEPTED_WEIGHTS)})")
+                                    f"(accepted: {', '.join(sorted(accepted_weights()))}; see {TRUSTED_ENV})")
     return found
 
 

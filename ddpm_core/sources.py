@@ -121,6 +121,22 @@ class LmdbSource(Source):
                     return
 
 
+def write_lmdb(path: Path, items: Iterator[tuple[bytes, bytes]], map_size: int = 1 << 30) -> int:
+    """Write (key, encoded image) pairs as an LMDB in LSUN's layout; returns the number written."""
+    import lmdb
+
+    count = 0
+    env = lmdb.open(str(path), map_size=map_size)
+    try:
+        with env.begin(write=True) as txn:
+            for key, value in items:
+                txn.put(key, value)
+                count += 1
+    finally:
+        env.close()
+    return count
+
+
 def file_key(relative: str) -> str:
     """A WebDataset key from a relative path: no extension, and no dots in the base name."""
     stem = relative.rsplit(".", 1)[0] if "." in relative.rsplit("/", 1)[-1] else relative

@@ -12,7 +12,7 @@ import sys
 
 from ddpm_core.model_stats import preset_summary
 from ddpm_core.presets import PRESETS
-from pipelines import convert, fid_reference, paper_figures, sample_fid, shard, train
+from pipelines import convert, fid_reference, paper_figures, sample_fid, schedule_sampling, shard, train
 
 TABLE_COLUMNS = (
     ("name", "preset", "{}"),
@@ -99,6 +99,12 @@ def build_parser() -> argparse.ArgumentParser:
                                       description="Diffuse two images to step t, mix, decode; write a PNG row.")
     paper_figures.add_interpolate_arguments(interpolate)
     interpolate.set_defaults(run=functools.partial(paper_figures.run, figure=paper_figures.interpolate))
+
+    schedule = commands.add_parser(
+        "schedule", help="score every new model version by FID on the cluster; promote the best to champion",
+        description="Run the scheduler (pipelines/schedule_sampling.py) on a cron expression, or --once.")
+    schedule_sampling.add_arguments(schedule)
+    schedule.set_defaults(run=schedule_sampling.run)
 
     bridge = commands.add_parser("convert", help="diffusers folders in (and registered) or out",
                                   description="Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).")

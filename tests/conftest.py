@@ -4,6 +4,9 @@ import time
 import pytest
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Ray 2.60's token authentication stays on; clients (job API, drivers) present ~/.ray/auth_token.
+# Set before Ray is imported: Ray reads the mode once per process.
+os.environ["RAY_AUTH_MODE"] = "token"
 
 
 @pytest.fixture(scope="session")
@@ -90,3 +93,34 @@ def ray_head(tmp_path_factory, s3_endpoint):
         time.sleep(2)
     yield address
     subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
+
+
+@pytest.fixture(scope="session")
+def mlflow_server(tmp_path_factory):
+    """`mlflow server` on 127.0.0.1 (SQLite backend, proxied local artifacts): many writers at once are safe."""
+    import subprocess
+    import sys
+    import urllib.request
+    from pathlib import Path
+
+    root = tmp_path_factory.mktemp("mlflow-server")
+    port = free_port()
+    server = subprocess.Popen(
+        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
+         "--workers", "1"],
+        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
+    uri = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            break
+        except OSError:
+            if server.poll() is not None or time.monotonic() > deadline:
+                server.kill()
+                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
+            time.sleep(1)
+    yield uri
+    server.terminate()
+    server.wait(30)

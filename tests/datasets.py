@@ -7,9 +7,10 @@ import io
 import pickle
 from pathlib import Path
 
-import lmdb
 import numpy as np
 from PIL import Image
+
+from ddpm_core.sources import write_lmdb
 
 
 def photo_like(rng: np.random.Generator, width: int, height: int) -> Image.Image:
@@ -37,8 +38,8 @@ def make_lsun_lmdb(path: Path, n: int = 36, corrupt: int = 1, seed: int = 0) -> 
     """
     rng = np.random.default_rng(seed)
     kinds = {}
-    env = lmdb.open(str(path), map_size=1 << 30)
-    with env.begin(write=True) as txn:
+
+    def items():
         for i in range(n):
             size = [(341, 256), (256, 341), (300, 280)][i % 3]
             image = photo_like(rng, *size)
@@ -53,9 +54,10 @@ def make_lsun_lmdb(path: Path, n: int = 36, corrupt: int = 1, seed: int = 0) -> 
             if i < corrupt:
                 kind, value = "corrupt", value[: len(value) // 3]  # a truncated JPEG
             key = lsun_key(i)
-            txn.put(key, value)
             kinds[key.decode()] = kind
-    env.close()
+            yield key, value
+
+    write_lmdb(path, items())
     return kinds
 
 

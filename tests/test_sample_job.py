@@ -9,19 +9,15 @@ from pathlib import Path
 import mlflow
 import numpy as np
 import pytest
-import torch
 from mlflow.tracking import MlflowClient
 
-from ddpm_core.checkpoint import TrainingState, save_checkpoint
-from ddpm_core.ema import EMA
 from ddpm_core.fid import save_reference
 from ddpm_core.presets import get_preset
-from ddpm_core.training import build_optimizer
-from ddpm_core.unet import UNet
 from pipelines.fid_reference import main as reference_main
 from pipelines.sample_fid import main as sample_main
 from pipelines.train import register
 from tests.errors import expect_one_error
+from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset
 
 
@@ -30,15 +26,7 @@ def registered(tmp_path_factory):
     """A tiny model with non-trivial weights, checkpointed and registered as the training job does."""
     root = tmp_path_factory.mktemp("sampling")
     config = get_preset("tiny")
-    torch.manual_seed(0)
-    model = UNet(config.model)
-    with torch.no_grad():
-        for p in model.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    ema = EMA(model, 0.9)
-    ema.update(model, 0)
-    checkpoint = save_checkpoint(root / "checkpoint", model, ema, build_optimizer(model, config.train),
-                                 TrainingState(step=7, config=config.to_dict()))
+    checkpoint = tiny_checkpoint(root / "checkpoint")
     uri = f"sqlite:///{root / 'mlflow.db'}"
     client = MlflowClient(uri)
     mlflow.set_tracking_uri(uri)

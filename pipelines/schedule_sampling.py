@@ -1,0 +1,451 @@
+"""Scheduled sampling batches: score every new model version by FID on the Ray cluster; promote the best.
+
+    ddpm schedule --model-name ddpm-lsun_bedroom256 --num 50000 --ref s3://bucket/lsun-bedroom-256/fid_stats.npz \\
+        --out-root s3://bucket/evaluations --actors 8 --gpu --cron "0 * * * *"
+
+Each tick lists the versions of the registered model and, for every version without an evaluation
+under this evaluation spec, submits the sampling job (pipelines/sample_fid.py) through the Ray Jobs
+API, waits for it and reads its fid.json. The `champion` alias then moves to the best verified FID;
+a pseudo-FID never promotes. The decision and both scores are version tags.
+
+State lives in MLflow version tags (`ddpm.eval.*`, `ddpm.promotion.*`) and in Ray job ids, never in
+local files. Submission ids are deterministic, ddpm-eval-<model>-v<version>-<spec digest>-a<attempt>,
+and Ray refuses a second job with an existing id: schedulers that race submit each batch once, a
+restarted scheduler picks up the jobs it finds in the tags, and attempt k+1 is only submitted once
+attempt k has ended, so no two batches for one version ever run at once.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import logging
+import os
+import re
+import shlex
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from datetime import datetime, timezone
+from urllib.parse import urlparse
+
+from ddpm_core.inception import TRUSTED_ENV, WEIGHTS_ENV, accepted_weights
+from ddpm_core.sampling import SAMPLERS
+from ddpm_core.storage import StorageError, open_storage
+
+log = logging.getLogger("ddpm.schedule")
+CHAMPION = "champion"
+EVAL = "ddpm.eval."  # spec, status, job, attempts, out, error, fid, pseudo_fid, weights_sha256, reference_sha256
+PROMOTION = "ddpm.promotion."  # decision, fid, champion, champion_fid
+SUBMITTED, SUCCEEDED, FAILED, GAVE_UP = "submitted", "succeeded", "failed", "gave_up"
+# Settings the job needs from the scheduler's side (the cluster provides its own credentials and endpoints).
+PASSED_ENV = (WEIGHTS_ENV, TRUSTED_ENV)
+
+
+class SchedulerError(RuntimeError):
+    """A registry or cluster the scheduler cannot use, with the reason."""
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluation is; a version is evaluated once per spec (its digest is in the job ids)."""
+
+    num: int
+    sampler: str
+    steps: int
+    eta: float
+    seed: int
+    ref: str | None
+    features: str
+    per_tar: int
+
+    @property
+    def digest(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def job_arguments(self) -> list[str]:
+        arguments = ["--num", str(self.num), "--sampler", self.sampler, "--steps", str(self.steps),
+                     "--eta", str(self.eta), "--seed", str(self.seed), "--features", self.features,
+                     "--per-tar", str(self.per_tar)]
+        return arguments + (["--ref", self.ref] if self.ref else [])
+
+
+@dataclass
+class Outcome:
+    """What one tick did for one version, for the report."""
+
+    version: int
+    status: str
+    job: str = ""
+    score: str = ""
+    decision: str = ""
+
+
+@dataclass
+class TickReport:
+    outcomes: dict[int, Outcome] = field(default_factory=dict)
+    submitted: list[str] = field(default_factory=list)
+    promoted: int | None = None
+
+    def note(self, version: int, status: str, **details: str) -> None:
+        outcome = self.outcomes.setdefault(version, Outcome(version, status))
+        outcome.status = status
+        for key, value in details.items():
+            setattr(outcome, key, value)
+
+    @property
+    def failed(self) -> bool:
+        return any(o.status in (FAILED, GAVE_UP) for o in self.outcomes.values())
+
+    def table(self) -> str:
+        if not self.outcomes:
+            return "nothing to do: every version is evaluated under this spec"
+        rows = [("version", "status", "job", "score", "decision")]
+        rows += [(str(o.version), o.status, o.job, o.score, o.decision)
+                 for o in sorted(self.outcomes.values(), key=lambda o: o.version)]
+        widths = [max(len(row[i]) for row in rows) for i in range(4)]
+        return "\n".join("  ".join(cell.ljust(w) for cell, w in zip(row[:4], widths)) + "  " + row[4]
+                         for row in rows)
+
+
+def submission_id(model_name: str, version: int, spec: EvalSpec, attempt: int) -> str:
+    safe = re.sub(r"[^a-z0-9]+", "-", model_name.lower()).strip("-")
+    return f"ddpm-eval-{safe}-v{version}-{spec.digest}-a{attempt}"
+
+
+def verified_fid(tags: dict[str, str], spec: EvalSpec) -> float | None:
+    """The version's FID under `spec`, if it was computed with verified Inception weights."""
+    if tags.get(EVAL + "spec") != spec.digest or tags.get(EVAL + "status") != SUCCEEDED:
+        return None
+    if EVAL + "fid" not in tags or tags.get(EVAL + "weights_sha256") not in accepted_weights():
+        return None
+    return float(tags[EVAL + "fid"])
+
+
+class Scheduler:
+    """One registered model, one evaluation spec, one Ray cluster; `tick()` is idempotent."""
+
+    def __init__(self, model_name: str, spec: EvalSpec, out_root: str, jobs, client, tracking_uri: str,
+                 job_options: list[str], max_attempts: int = 3, aliases: tuple[str, ...] = (),
+                 working_dir: str | None = None):
+        self.model_name, self.spec, self.out_root = model_name, spec, out_root.rstrip("/")
+        self.jobs, self.client, self.tracking_uri = jobs, client, tracking_uri
+        self.job_options, self.max_attempts, self.aliases = job_options, max_attempts, aliases
+        self.working_dir = working_dir
+
+    # --- the registry -------------------------------------------------------------------------
+    def versions(self) -> list:
+        try:
+            self.client.get_registered_model(self.model_name)
+        except Exception as error:  # noqa: BLE001 - MLflow raises several kinds for "not found"
+            raise SchedulerError(f"registered model {self.model_name!r} does not exist in the MLflow registry at "
+                                 f"{_redact(self.tracking_uri)}: {_first_line(error)}") from None
+        found = self.client.search_model_versions(f"name = '{self.model_name}'")
+        return sorted(found, key=lambda v: int(v.version))
+
+    def tag(self, version: int, prefix: str, values: dict[str, object]) -> None:
+        for key, value in values.items():
+            self.client.set_model_version_tag(self.model_name, str(version), prefix + key, str(value))
+
+    def alias_holder(self, alias: str):
+        """The version holding `alias`, or None."""
+        try:
+            return self.client.get_model_version_by_alias(self.model_name, alias)
+        except Exception:  # noqa: BLE001 - MLflow raises several kinds for "no such alias"
+            return None
+
+    # --- the cluster --------------------------------------------------------------------------
+    def out_uri(self, version: int) -> str:
+        return f"{self.out_root}/{self.model_name}/v{version}-{self.spec.digest}"
+
+    def submit(self, version: int, job_id: str, attempt: int, report: TickReport) -> None:
+        """Submit the batch under `job_id`; an id that exists means another scheduler already did."""
+        arguments = ["--model", f"models:/{self.model_name}/{version}", "--out", self.out_uri(version),
+                     *self.spec.job_arguments(), *self.job_options]
+        if not urlparse(self.tracking_uri).password:  # credentials never go into a job's command line
+            arguments += ["--tracking-uri", self.tracking_uri]
+        runtime_env = {"env_vars": {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}}
+        if self.working_dir:
+            runtime_env["working_dir"] = self.working_dir
+        try:
+            self.jobs.submit_job(
+                entrypoint=shlex.join(["python", "-m", "pipelines.sample_fid", *arguments]),
+                submission_id=job_id, runtime_env=runtime_env,
+                metadata={"ddpm.model": self.model_name, "ddpm.version": str(version), "ddpm.spec": self.spec.digest,
+                          "ddpm.attempt": str(attempt)})
+        except RuntimeError as error:
+            if "already exists" not in str(error):
+                raise SchedulerError(f"submitting {job_id} to the Ray job API failed: {_first_line(error)}") from None
+            log.info("v%d: %s was already submitted (another scheduler, or an earlier tick)", version, job_id)
+        else:
+            log.info("v%d: submitted %s (attempt %d/%d)", version, job_id, attempt, self.max_attempts)
+            report.submitted.append(job_id)
+        self.tag(version, EVAL, {"spec": self.spec.digest, "status": SUBMITTED, "job": job_id, "attempts": attempt,
+                                 "out": self.out_uri(version)})
+        report.note(version, SUBMITTED, job=job_id)
+
+    def jobs_by_id(self) -> dict:
+        try:
+            return {job.submission_id: job for job in self.jobs.list_jobs() if job.submission_id}
+        except Exception as error:  # noqa: BLE001 - connection and HTTP errors alike
+            raise SchedulerError(f"cannot list jobs on the Ray cluster: {_first_line(error)}") from None
+
+    def failure_reason(self, job) -> str:
+        """The job's message and the last error line of its log."""
+        try:
+            lines = [line for line in self.jobs.get_job_logs(job.submission_id).splitlines() if line.strip()]
+        except Exception:  # noqa: BLE001 - logs are a courtesy
+            lines = []
+        errors = [line for line in lines if "ERROR" in line or "Error" in line]
+        detail = (errors or lines or [""])[-1].strip()
+        summary = (job.message or "").split(", last available logs")[0]  # Ray appends the log tail
+        return f"{job.status}: {summary}: {detail}"[:1000]
+
+    # --- one tick -----------------------------------------------------------------------------
+    def tick(self, wait_timeout: float = 6 * 3600, poll: float = 10.0) -> TickReport:
+        report = TickReport()
+        jobs = self.jobs_by_id()
+        watching: dict[int, str] = {}
+        holders = {int(v.version) for v in map(self.alias_holder, self.aliases) if v is not None}
+        for version in self.versions():
+            number, tags = int(version.version), version.tags
+            job_id = tags.get(EVAL + "job")
+            if tags.get(EVAL + "status") == SUBMITTED and job_id:
+                job = jobs.get(job_id)
+                if job is None:
+                    # The cluster no longer knows it (restarted): run it again; the samples resume.
+                    log.warning("v%d: the cluster has no record of %s; submitting it again", number, job_id)
+                    self.submit(number, job_id, int(tags.get(EVAL + "attempts", 1)), report)
+                    watching[number] = job_id
+                elif not job.status.is_terminal():
+                    watching[number] = job_id
+                    report.note(number, SUBMITTED, job=job_id)
+                else:
+                    self.finish(number, job, report)
+                continue  # a failure observed now is retried on the next tick
+            same_spec = tags.get(EVAL + "spec") == self.spec.digest
+            if same_spec and tags.get(EVAL + "status") in (SUCCEEDED, GAVE_UP):
+                continue
+            if self.aliases and number not in holders:
+                continue
+            attempts = int(tags.get(EVAL + "attempts", 0)) if same_spec else 0
+            if attempts >= self.max_attempts:
+                self.tag(number, EVAL, {"status": GAVE_UP})
+                log.error("v%d: gave up after %d failed batches (%s); delete the tag %sstatus to try again",
+                          number, attempts, tags.get(EVAL + "error", ""), EVAL)
+                report.note(number, GAVE_UP, job=job_id or "", decision=tags.get(EVAL + "error", ""))
+                continue
+            job_id = submission_id(self.model_name, number, self.spec, attempts + 1)
+            self.submit(number, job_id, attempts + 1, report)
+            watching[number] = job_id
+        self.wait(watching, report, wait_timeout, poll)
+        self.promote(report)
+        return report
+
+    def wait(self, watching: dict[int, str], report: TickReport, timeout: float, poll: float) -> None:
+        started = time.monotonic()
+        while watching:
+            jobs = self.jobs_by_id()
+            for number, job_id in list(watching.items()):
+                job = jobs.get(job_id)
+                if job is not None and job.status.is_terminal():
+                    self.finish(number, job, report)
+                    del watching[number]
+            if not watching:
+                break
+            elapsed = time.monotonic() - started
+            if elapsed > timeout:
+                log.info("still running after %.0f s: %s; the next tick picks them up", elapsed,
+                         ", ".join(watching.values()))
+                break
+            log.info("waiting for %d batch(es): %s (%.0f s)", len(watching),
+                     ", ".join(f"v{n} {jobs[j].status if j in jobs else 'PENDING'}" for n, j in watching.items()),
+                     elapsed)
+            time.sleep(poll)
+
+    def finish(self, version: int, job, report: TickReport) -> None:
+        """Record an ended batch: its scores (from fid.json) or why it failed."""
+        if str(job.status) == "SUCCEEDED":
+            try:
+                result = json.loads(open_storage(self.out_uri(version)).read_bytes("fid.json"))
+            except (StorageError, ValueError) as error:
+                self.record_failure(version, job.submission_id, f"succeeded but fid.json is unreadable: {error}",
+                                    report)
+                return
+            scores = {key: result[key] for key in ("fid", "pseudo_fid") if key in result}
+            for stale in {"fid", "pseudo_fid"} - set(scores):  # a score from another spec must not linger
+                try:
+                    self.client.delete_model_version_tag(self.model_name, str(version), EVAL + stale)
+                except Exception:  # noqa: BLE001 - absent already
+                    pass
+            self.tag(version, EVAL, {"status": SUCCEEDED, "error": "", **scores,
+                                     "weights_sha256": result.get("inception_weights_sha256"),
+                                     "reference_sha256": result.get("reference_sha256")})
+            shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) or "samples only"
+            log.info("v%d: %s succeeded: %s", version, job.submission_id, shown)
+            report.note(version, SUCCEEDED, job=job.submission_id, score=shown)
+        else:
+            self.record_failure(version, job.submission_id, self.failure_reason(job), report)
+
+    def record_failure(self, version: int, job_id: str, reason: str, report: TickReport) -> None:
+        self.tag(version, EVAL, {"status": FAILED, "error": reason})
+        log.error("v%d: batch %s failed, retried on the next tick: %s", version, job_id, reason)
+        report.note(version, FAILED, job=job_id, decision=f"not promoted: the batch failed ({reason[:120]})")
+
+    # --- promotion ----------------------------------------------------------------------------
+    def promote(self, report: TickReport) -> None:
+        """Move `champion` to the best verified FID under this spec; record a decision for each new score."""
+        versions = {int(v.version): v.tags for v in self.versions()}
+        scored = {n: fid for n, tags in versions.items() if (fid := verified_fid(tags, self.spec)) is not None}
+        champion = self.alias_holder(CHAMPION)
+        holder = int(champion.version) if champion else None
+        held = scored.get(holder) if holder is not None else None
+        best = min(scored, key=lambda n: (scored[n], n), default=None)
+        pending = holder is not None and held is None and versions.get(holder, {}).get(EVAL + "status") in (
+            SUBMITTED, FAILED) and versions[holder].get(EVAL + "spec") == self.spec.digest
+        promote = best is not None and not pending and (held is None or scored[best] < held)
+        if promote:
+            self.client.set_registered_model_alias(self.model_name, CHAMPION, str(best))
+            decision = (f"promoted: FID {scored[best]:.4f} < champion v{holder} FID {held:.4f}" if held is not None
+                        else f"promoted: FID {scored[best]:.4f}; " + (f"champion v{holder} has no FID under this "
+                                                                      "spec" if holder else "no champion before"))
+            self.tag(best, PROMOTION, {"decision": decision, "fid": scored[best], "champion": holder or "",
+                                       "champion_fid": "" if held is None else held})
+            log.info("v%d is the new %s (%s)", best, CHAMPION, decision)
+            report.promoted = best
+            report.note(best, versions[best].get(EVAL + "status", SUCCEEDED), decision=decision)
+            holder, held = best, scored[best]
+        for number, outcome in report.outcomes.items():
+            if outcome.status != SUCCEEDED or number == report.promoted:
+                continue
+            tags = versions[number]
+            if number not in scored:
+                kind = "pseudo-FID" if EVAL + "pseudo_fid" in tags else "no FID"
+                decision = f"not promoted: {kind} only (FID needs the verified Inception weights)"
+                values = {"decision": decision, "fid": "", "champion": holder or "", "champion_fid": held or ""}
+            elif pending:
+                decision = f"deferred: champion v{holder} is still being evaluated under this spec"
+                values = {"decision": decision, "fid": scored[number], "champion": holder, "champion_fid": ""}
+            elif number == holder:
+                decision = f"kept: already {CHAMPION}, FID {scored[number]:.4f}"
+                values = {"decision": decision, "fid": scored[number], "champion": holder, "champion_fid": held}
+            else:
+                decision = f"not promoted: FID {scored[number]:.4f} >= champion v{holder} FID {held:.4f}"
+                values = {"decision": decision, "fid": scored[number], "champion": holder, "champion_fid": held}
+            self.tag(number, PROMOTION, values)
+            outcome.decision = decision
+
+
+def _first_line(error: Exception) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
+
+
+def _redact(uri: str) -> str:
+    from pipelines.tracking import redact
+
+    return redact(uri)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--model-name", required=True, help="registered model, e.g. ddpm-lsun_bedroom256")
+    when = parser.add_mutually_exclusive_group(required=True)
+    when.add_argument("--once", action="store_true", help="one tick, then exit (for an external cron)")
+    when.add_argument("--cron", metavar="EXPR", help="run a tick at every match of this 5-field cron expression (UTC)")
+    parser.add_argument("--num", type=int, default=50000, help="samples per evaluation (50000 for published FIDs)")
+    parser.add_argument("--out-root", required=True, help="evaluations go to <out-root>/<model>/v<version>-<spec>")
+    parser.add_argument("--ref", default=None, help="reference statistics .npz (as for `ddpm fid`)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm: Algorithm 2, all T steps")
+    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm always uses all T)")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
+    parser.add_argument("--features", choices=("inception", "random-init", "none"), default="inception",
+                        help="random-init gives a pseudo-FID, which is recorded but never promotes")
+    parser.add_argument("--actors", type=int, default=1, help="sampling actors per batch")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--batch-size", type=int, default=64)
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--inception-weights", default=None, help="path to the FID weights on the cluster's nodes")
+    parser.add_argument("--allow-small-n", action="store_true", help="passed to the job (tests and smoke runs)")
+    parser.add_argument("--max-attempts", type=int, default=3, help="failed batches per version before giving up")
+    parser.add_argument("--wait-timeout", type=float, default=6 * 3600,
+                        help="seconds a tick waits for its batches; later ticks pick up what still runs")
+    parser.add_argument("--poll", type=float, default=15.0, help="seconds between job status checks")
+    parser.add_argument("--aliases", nargs="+", default=(),
+                        help="only versions holding one of these aliases (default: every version)")
+    parser.add_argument("--working-dir", default=None, help="ship this directory with each job (else the cluster's "
+                                                            "image provides the code)")
+    parser.add_argument("--address", default=None, help="Ray job API, e.g. http://127.0.0.1:8265 "
+                                                        "(default RAY_ADDRESS)")
+    parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
+
+
+def job_options(args: argparse.Namespace) -> list[str]:
+    """How each batch runs (resources, batch size): not part of what the evaluation is."""
+    options = ["--actors", str(args.actors), "--batch-size", str(args.batch_size),
+               "--cpus-per-actor", str(args.cpus_per_actor)]
+    options += ["--gpu"] if args.gpu else []
+    options += ["--allow-small-n"] if args.allow_small_n else []
+    return options + (["--inception-weights", args.inception_weights] if args.inception_weights else [])
+
+
+def build(args: argparse.Namespace) -> Scheduler:
+    from ray.job_submission import JobSubmissionClient
+
+    from pipelines.tracking import connect, resolve_tracking_uri
+
+    for name, value in (("--num", args.num), ("--max-attempts", args.max_attempts), ("--actors", args.actors)):
+        if value < 1:
+            raise SchedulerError(f"{name} must be >= 1, got {value}")
+    address = args.address or os.environ.get("RAY_ADDRESS")
+    if not address:
+        raise SchedulerError("no Ray job API address: pass --address http://<head>:8265 or set RAY_ADDRESS")
+    tracking_uri = resolve_tracking_uri(args.tracking_uri)
+    client = connect(tracking_uri)
+    try:
+        jobs = JobSubmissionClient(address)
+    except Exception as error:  # noqa: BLE001 - connection, HTTP and authentication errors alike
+        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
+            " (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and provide the token)")
+        raise SchedulerError(f"cannot reach the Ray job API at {address}: {_first_line(error)}{hint}") from None
+    spec = EvalSpec(args.num, args.sampler, args.steps if args.sampler == "ddim" else 0,
+                    args.eta if args.sampler == "ddim" else 0.0, args.seed, args.ref, args.features, args.per_tar)
+    return Scheduler(args.model_name, spec, args.out_root, jobs, client, tracking_uri, job_options(args),
+                     args.max_attempts, tuple(args.aliases), args.working_dir)
+
+
+def run(args: argparse.Namespace) -> int:
+    from pipelines.cron import Cron, CronError
+    from pipelines.ray_runtime import configure_logging
+    from pipelines.tracking import TrackingError
+
+    configure_logging()
+    try:
+        cron = Cron.parse(args.cron) if args.cron else None
+        scheduler = build(args)
+        log.info("evaluating %s under spec %s: %s", args.model_name, scheduler.spec.digest, asdict(scheduler.spec))
+        while True:
+            if cron is not None:
+                now = datetime.now(timezone.utc)
+                next_tick = cron.next_after(now)
+                log.info("next tick at %s UTC", next_tick.strftime("%Y-%m-%d %H:%M"))
+                time.sleep((next_tick - now).total_seconds())
+            report = scheduler.tick(args.wait_timeout, args.poll)
+            print(report.table(), flush=True)
+            if cron is None:
+                return 1 if report.failed else 0
+    except (SchedulerError, TrackingError, CronError) as error:
+        log.error("%s", error)
+        return 2
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+if __name__ == "__main__":
+    sys.exit(main())
