@@ -19,10 +19,9 @@ $(VENV)/.installed: pyproject.toml Makefile
 test: setup
 	$(BIN)/python -m pytest -q
 
+# The whole pipeline on this machine (local Ray, MLflow on SQLite, local disk, CPU); DEMO_FAST=1 for a quick run.
 demo: setup
-	@echo "The full pipeline demo (shard -> train -> register -> sample -> FID -> schedule) arrives with issue 6."
-	@echo "What exists today: the presets, and a short CPU benchmark of the cifar10 U-Net."
-	$(BIN)/ddpm presets
+	$(BIN)/python -m pipelines.demo --dir demo
 
 bench: setup
 	$(BIN)/python bench/unet_cpu.py

@@ -55,6 +55,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                                                     "fid_stats_pseudo.npz with --features random-init)")
     parser.add_argument("--features", choices=("inception", "random-init"), default="inception")
     parser.add_argument("--inception-weights", default=None)
+    parser.add_argument("--shards", type=int, default=None,
+                        help="use only the first K shards (a quicker, noisier reference; N is recorded)")
     parser.add_argument("--actors", type=int, default=1)
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
@@ -79,6 +81,10 @@ def _run(args: argparse.Namespace) -> int:
 
     storage = open_storage(args.data)
     rows, info = read_manifest(storage), read_dataset_info(storage)
+    if args.shards is not None:
+        if args.shards < 1:
+            raise ValueError(f"--shards must be >= 1, got {args.shards}")
+        rows = sorted(rows, key=lambda row: row["shard_index"])[:args.shards]
     weights = str(find_weights(args.inception_weights)) if args.features == "inception" else None
     extractor = sha256_file(Path(weights)) if weights else f"random-init(seed={RANDOM_INIT_SEED})"
     name = args.out or ("fid_stats.npz" if args.features == "inception" else "fid_stats_pseudo.npz")

@@ -1,0 +1,226 @@
+"""`make demo`: the whole pipeline on one machine, on a dataset built from photos that packages ship.
+
+    python -m pipelines.demo [--dir demo] [--fast]
+
+Local Ray on 127.0.0.1 (with its job API, for the scheduler), MLflow on SQLite, the local disk for
+storage, CPU. Stages: build an LSUN-style LMDB of photo crops → shard it (the LSUN path) → reference
+statistics → train the `demo` preset with two DDP workers → register → score an untrained model as
+the baseline → one scheduler tick (it submits the sampling batch through the Ray Jobs API, scores it,
+decides promotion) → the sample grid. A pseudo-FID is used unless verified Inception weights are
+found. `--fast` (or DEMO_FAST=1) runs the same chain with a few steps, for CI.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import sys
+import tarfile
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from ddpm_core.inception import InceptionWeightsError, find_weights
+from ddpm_core.pixels import image_grid
+from ddpm_core.sampling import read_sample_tar
+from ddpm_core.sharding import read_manifest
+from ddpm_core.storage import open_storage
+
+
+@dataclass(frozen=True)
+class DemoSize:
+    images: int  # crops in the dataset
+    steps: int  # training steps of the demo preset
+    samples: int  # images per scored batch
+    ddim_steps: int
+
+
+FULL = DemoSize(images=3000, steps=1200, samples=256, ddim_steps=50)
+FAST = DemoSize(images=300, steps=12, samples=32, ddim_steps=10)
+MODEL = "ddpm-demo"
+
+
+class Stages:
+    """Runs the numbered stages, prints progress, and keeps each stage's wall time."""
+
+    def __init__(self, total: int):
+        self.total, self.done, self.seconds = total, 0, {}
+        self.started = time.monotonic()
+
+    def run(self, name: str, what: str, action):
+        self.done += 1
+        print(f"\n==> [{self.done}/{self.total}] {name}: {what}", flush=True)
+        start = time.monotonic()
+        result = action()
+        self.seconds[name] = time.monotonic() - start
+        print(f"==> [{self.done}/{self.total}] {name} done in {self.seconds[name]:.0f} s "
+              f"({time.monotonic() - self.started:.0f} s so far)", flush=True)
+        return result
+
+    def table(self) -> str:
+        total = time.monotonic() - self.started
+        lines = [f"{'stage':<12} {'seconds':>8} {'share':>6}"]
+        lines += [f"{name:<12} {sec:8.1f} {sec / total:6.1%}" for name, sec in self.seconds.items()]
+        return "\n".join(lines + [f"{'total':<12} {total:8.1f} {1:6.1%}"])
+
+
+def check(code: int, stage: str) -> None:
+    if code != 0:
+        raise SystemExit(f"demo: the {stage} stage failed (exit status {code}); its error is logged above")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def start_ray() -> str:
+    """A local Ray on 127.0.0.1 with its dashboard (the job API the scheduler submits to); returns its URL."""
+    import ray
+    from ray.job_submission import JobSubmissionClient
+
+    # Submitted jobs run `python ...` from the cluster's PATH: make it this environment's python.
+    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
+    port = free_port()
+    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
+             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
+    address = f"http://127.0.0.1:{port}"
+    # The job agent registers a few seconds after Ray starts: wait until a trivial job has run.
+    deadline = time.monotonic() + 120
+    while True:
+        try:
+            client = JobSubmissionClient(address)
+            job = client.submit_job(entrypoint="python -c pass")
+            while not client.get_job_status(job).is_terminal():
+                time.sleep(0.5)
+            return address
+        except Exception as error:  # noqa: BLE001 - the agent is not up yet
+            if time.monotonic() > deadline:
+                raise SystemExit(f"demo: the local Ray job API at {address} never came up: {error}") from None
+            time.sleep(1)
+
+
+def first_training_images(data: str, count: int) -> np.ndarray:
+    """The first `count` training images exactly as the model sees them (decoded from the shards)."""
+    storage = open_storage(data)
+    images = []
+    for shard in sorted(read_manifest(storage), key=lambda row: row["shard_index"]):
+        with storage.open_read(shard["url"]) as stream, tarfile.open(fileobj=stream, mode="r|") as tar:
+            for member in tar:
+                if member.name.endswith(".png"):
+                    images.append(np.asarray(Image.open(tar.extractfile(member)).convert("RGB")))
+                if len(images) == count:
+                    return np.stack(images)
+    return np.stack(images)
+
+
+def save_untrained(directory: Path) -> Path:
+    """A checkpoint of the demo preset at initialisation: the baseline the trained model must beat."""
+    import torch
+
+    from ddpm_core.checkpoint import TrainingState, save_checkpoint
+    from ddpm_core.ema import EMA
+    from ddpm_core.presets import get_preset
+    from ddpm_core.training import build_optimizer
+    from ddpm_core.unet import UNet
+
+    if directory.exists():
+        return directory
+    config = get_preset("demo")
+    torch.manual_seed(0)
+    model = UNet(config.model)
+    ema = EMA(model, config.train.ema_decay)
+    ema.update(model, 0)
+    return save_checkpoint(directory, model, ema, build_optimizer(model, config.train),
+                           TrainingState(step=0, config=config.to_dict()))
+
+
+def main(argv: list[str] | None = None) -> int:
+    # Ray 2.60 token authentication stays on: the scheduler's job client must present the token.
+    # Set before Ray is first imported (below): Ray reads the mode once per process.
+    os.environ.setdefault("RAY_AUTH_MODE", "token")
+    from pipelines import fid_reference, sample_fid, schedule_sampling, shard, train
+    from pipelines.demo_data import build_lmdb
+    from pipelines.tracking import connect
+
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--dir", default="demo", help="where everything goes (default ./demo)")
+    parser.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST") == "1",
+                        help="a few steps only (CI); also DEMO_FAST=1")
+    args = parser.parse_args(argv)
+    size = FAST if args.fast else FULL
+    root = Path(args.dir).expanduser().resolve()
+    root.mkdir(parents=True, exist_ok=True)
+    tracking = f"sqlite:///{root / 'mlflow.db'}"
+    lmdb, data = root / f"photos_{size.images}_lmdb", root / f"data_{size.images}"
+    try:
+        weights = str(find_weights())
+        features, label, ref = "inception", "fid", data / "fid_stats.npz"
+    except InceptionWeightsError:
+        weights, features, label, ref = None, "random-init", "pseudo_fid", data / "fid_stats_pseudo.npz"
+    scoring = ["--features", features, "--allow-small-n", "--sampler", "ddim", "--steps", str(size.ddim_steps),
+               "--num", str(size.samples), "--per-tar", str(size.samples), "--ref", str(ref),
+               "--cpus-per-actor", "1", "--batch-size", "64", "--tracking-uri", tracking,
+               *(["--inception-weights", weights] if weights else [])]
+    print(f"ddpm-ray demo in {root} ({'fast' if args.fast else 'full'}: {size.images} images, {size.steps} "
+          f"training steps, {size.samples} samples scored by {label.replace('_', '-')})", flush=True)
+
+    stages = Stages(total=7)
+    address = stages.run("ray", "a local Ray on 127.0.0.1 with its job API", start_ray)
+    stages.run("dataset", f"{size.images} crops of bundled photos → LSUN-style LMDB",
+               lambda: lmdb.exists() or build_lmdb(lmdb, size.images))
+    stages.run("shard", "LMDB → 32×32 WebDataset shards (the LSUN path)", lambda: check(shard.main(
+        ["--input", str(lmdb), "--out", str(data), "--resolution", "32", "--per-shard", str(size.images // 6)],
+        source="lsun"),
+        "shard"))
+    stages.run("reference", f"{features} statistics of the data's first {size.images // 6} images",
+               lambda: ref.exists() or check(fid_reference.main(
+                   ["--data", str(data), "--features", features, "--shards", "1", "--actors", "2",
+                    *(["--inception-weights", weights] if weights else [])]), "reference"))
+    stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo)", lambda: check(train.main(
+        ["--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1", "--loader-workers",
+         "1", "--storage", str(root / "runs"), "--name", f"demo-{size.steps}", "--tracking-uri", tracking,
+         *(f"--set=train.{field}={size.steps}" for field in ("steps", "sample_every", "checkpoint_every"))]),
+        "train"))
+    untrained = root / "untrained"
+    stages.run("baseline", "sample and score the untrained model", lambda: check(sample_fid.main(
+        ["--model", str(save_untrained(root / "untrained_checkpoint")), "--out", str(untrained), *scoring]),
+        "baseline"))
+    evaluations = root / "evaluations"
+    stages.run("schedule", "one scheduler tick: it submits the sampling batch of the new version to the Ray "
+                           "job API, scores it and decides promotion", lambda: check(schedule_sampling.main(
+        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", address, "--poll", "3",
+         "--actors", "2", *scoring]), "schedule"))
+
+    client = connect(tracking)
+    version = client.get_model_version_by_alias(MODEL, "candidate")
+    out = Path(version.tags["ddpm.eval.out"])
+    result = json.loads((out / "fid.json").read_text())
+    baseline = json.loads((untrained / "fid.json").read_text())
+    grid, data_grid = root / "samples_grid.png", root / "data_grid.png"
+    _, samples = read_sample_tar(open_storage(str(out)), 0)
+    Image.fromarray(image_grid(samples[:64], columns=8)).save(grid)
+    Image.fromarray(image_grid(first_training_images(str(data), 64), columns=8)).save(data_grid)
+    summary = {"mode": "fast" if args.fast else "full", "model": f"models:/{MODEL}/{version.version}",
+               "samples_grid": str(grid), "data_grid": str(data_grid), "fid_json": str(out / "fid.json"),
+               "score": label, "trained": result.get(label), "untrained": baseline.get(label),
+               "decision": client.get_model_version(MODEL, version.version).tags.get("ddpm.promotion.decision"),
+               "stage_seconds": stages.seconds}
+    (root / "summary.json").write_text(json.dumps(summary, indent=2))
+    print(f"\n{stages.table()}\n")
+    print(f"{label}: trained {summary['trained']:.2f} vs untrained {summary['untrained']:.2f} "
+          f"({size.samples} samples each; lower is better)")
+    print(f"registered version:  models:/{MODEL}/{version.version} (alias candidate); scheduler: {summary['decision']}")
+    print(f"sample grid:         {grid}\ndata for comparison: {data_grid}\nscores:              {out / 'fid.json'}")
+    print(f"MLflow UI:           mlflow ui --backend-store-uri {tracking} --host 127.0.0.1")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,52 @@
+"""`make demo` in its reduced mode (DEMO_FAST=1): the whole chain on its own local Ray, asserted by its outputs."""
+
+import io
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from mlflow.tracking import MlflowClient
+from PIL import Image
+
+from pipelines.demo import FAST, MODEL
+from pipelines.demo_data import STORED_SIDE, crops
+
+
+def test_the_built_in_dataset_is_deterministic_crops_of_bundled_photos():
+    first, again = list(crops(6, seed=0)), list(crops(6, seed=0))
+    assert first == again and len({key for key, _ in first}) == 6
+    assert all(len(key) == 40 for key, _ in first)  # LSUN's 40-hex keys
+    images = [np.asarray(Image.open(io.BytesIO(value))) for _, value in first]
+    assert all(image.shape == (STORED_SIDE, STORED_SIDE, 3) for image in images)
+    assert min(float(image.std()) for image in images) > 5  # real photo content, not flat fills
+
+
+@pytest.mark.slow
+def test_demo_fast_mode_produces_grid_registered_version_and_scores(tmp_path):
+    env = {**os.environ, "DEMO_FAST": "1"}
+    env.pop("RAY_ADDRESS", None)
+    done = subprocess.run([sys.executable, "-m", "pipelines.demo", "--dir", str(tmp_path)], env=env,
+                          capture_output=True, text=True, timeout=900)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert all(f"[{i}/7]" in done.stdout for i in range(1, 8))  # progress through every stage
+
+    summary = json.loads((tmp_path / "summary.json").read_text())
+    grid = np.asarray(Image.open(summary["samples_grid"]))
+    side = 8 * 32 + 7 * 2  # 8×8 cells of 32 px, 2 px apart
+    assert grid.shape[1] == side and grid.shape[2] == 3 and grid.shape[0] == (FAST.samples // 8) * 34 - 2
+    assert np.asarray(Image.open(summary["data_grid"])).shape == (side, side, 3)
+
+    result = json.loads(open(summary["fid_json"]).read())
+    assert result["model"] == summary["model"] == f"models:/{MODEL}/1"
+    assert result["num"] == FAST.samples and result["features"] == "random-init" and "fid" not in result
+    assert result["pseudo_fid"] == summary["trained"] > 0 and summary["untrained"] > 0
+
+    client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
+    version = client.get_model_version_by_alias(MODEL, "candidate")
+    assert version.version == "1" and version.tags["ddpm.eval.status"] == "succeeded"
+    assert float(version.tags["ddpm.eval.pseudo_fid"]) == pytest.approx(result["pseudo_fid"], abs=1e-9)
+    assert version.tags["ddpm.promotion.decision"].startswith("not promoted: pseudo-FID only")
+    assert set(summary["stage_seconds"]) == {"ray", "dataset", "shard", "reference", "train", "baseline", "schedule"}
