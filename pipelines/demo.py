@@ -27,6 +27,7 @@ from PIL import Image
 
 from ddpm_core.inception import InceptionWeightsError, find_weights
 from ddpm_core.pixels import image_grid
+from ddpm_core.presets import get_preset
 from ddpm_core.sampling import read_sample_tar
 from ddpm_core.sharding import read_manifest
 from ddpm_core.storage import open_storage
@@ -40,7 +41,7 @@ class DemoSize:
     ddim_steps: int
 
 
-FULL = DemoSize(images=3000, steps=1200, samples=256, ddim_steps=50)
+FULL = DemoSize(images=3000, steps=get_preset("demo").train.steps, samples=128, ddim_steps=50)
 FAST = DemoSize(images=300, steps=12, samples=32, ddim_steps=10)
 MODEL = "ddpm-demo"
 
@@ -126,7 +127,6 @@ def save_untrained(directory: Path) -> Path:
 
     from ddpm_core.checkpoint import TrainingState, save_checkpoint
     from ddpm_core.ema import EMA
-    from ddpm_core.presets import get_preset
     from ddpm_core.training import build_optimizer
     from ddpm_core.unet import UNet
 
@@ -164,7 +164,9 @@ def main(argv: list[str] | None = None) -> int:
         features, label, ref = "inception", "fid", data / "fid_stats.npz"
     except InceptionWeightsError:
         weights, features, label, ref = None, "random-init", "pseudo_fid", data / "fid_stats_pseudo.npz"
+    # DDIM with η = 1 (stochastic, 50 steps): η = 0 over-saturates the colours of a briefly trained model.
     scoring = ["--features", features, "--allow-small-n", "--sampler", "ddim", "--steps", str(size.ddim_steps),
+               "--eta", "1.0",
                "--num", str(size.samples), "--per-tar", str(size.samples), "--ref", str(ref),
                "--cpus-per-actor", "1", "--batch-size", "64", "--tracking-uri", tracking,
                *(["--inception-weights", weights] if weights else [])]
@@ -176,17 +178,18 @@ def main(argv: list[str] | None = None) -> int:
     stages.run("dataset", f"{size.images} crops of bundled photos → LSUN-style LMDB",
                lambda: lmdb.exists() or build_lmdb(lmdb, size.images))
     stages.run("shard", "LMDB → 32×32 WebDataset shards (the LSUN path)", lambda: check(shard.main(
-        ["--input", str(lmdb), "--out", str(data), "--resolution", "32", "--per-shard", str(size.images // 6)],
+        ["--input", str(lmdb), "--out", str(data), "--resolution", "32", "--per-shard", str(size.images // 12)],
         source="lsun"),
         "shard"))
-    stages.run("reference", f"{features} statistics of the data's first {size.images // 6} images",
+    stages.run("reference", f"{features} statistics of the data's first {size.images // 12} images",
                lambda: ref.exists() or check(fid_reference.main(
                    ["--data", str(data), "--features", features, "--shards", "1", "--actors", "2",
                     *(["--inception-weights", weights] if weights else [])]), "reference"))
     stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo)", lambda: check(train.main(
         ["--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1", "--loader-workers",
          "1", "--storage", str(root / "runs"), "--name", f"demo-{size.steps}", "--tracking-uri", tracking,
-         *(f"--set=train.{field}={size.steps}" for field in ("steps", "sample_every", "checkpoint_every"))]),
+         *([f"--set=train.{field}={size.steps}" for field in ("steps", "sample_every", "checkpoint_every")]
+           if args.fast else [])]),
         "train"))
     untrained = root / "untrained"
     stages.run("baseline", "sample and score the untrained model", lambda: check(sample_fid.main(
@@ -195,7 +198,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluations = root / "evaluations"
     stages.run("schedule", "one scheduler tick: it submits the sampling batch of the new version to the Ray "
                            "job API, scores it and decides promotion", lambda: check(schedule_sampling.main(
-        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", address, "--poll", "3",
+        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", address, "--poll", "10",
          "--actors", "2", *scoring]), "schedule"))
 
     client = connect(tracking)

@@ -92,6 +92,9 @@ def train_loop_per_worker(loop: dict) -> dict:
     import ray.train
     import ray.train.torch
 
+    from pipelines.ray_runtime import configure_logging
+
+    configure_logging()  # a worker process: its progress lines reach the driver's output
     config = Config.from_dict(loop["config"])
     train = config.train
     context = ray.train.get_context()
@@ -161,6 +164,9 @@ def train_loop_per_worker(loop: dict) -> dict:
                 if cuda:
                     values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
                 tracker.metrics(values, step)
+                log.info("step %d/%d: loss %.4f, %.1f images/s, about %.0f min left", step, train.steps,
+                         values["loss"], values["images_per_s"],
+                         (train.steps - step) * train.batch_size / values["images_per_s"] / 60)
                 window, window_start, window_first_step = [], time.monotonic(), step
             if tracker and step % train.sample_every == 0:
                 tracker.sample_grid(ema.model, diffusion, config, step, device)

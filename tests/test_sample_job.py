@@ -64,6 +64,10 @@ def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s
 
     with np.load(io.BytesIO(read("data/fid_stats_pseudo.npz"))) as ref:
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and int(ref["n"]) == 24
+    assert reference_main(["--data", f"s3://{s3_bucket}/data", "--features", "random-init", "--shards", "1",
+                           "--out", "first_shard.npz", "--cpus-per-actor", "0.5"]) == 0
+    with np.load(io.BytesIO(read("data/first_shard.npz"))) as first:
+        assert int(first["n"]) == 8  # the first shard only
     out = f"s3://{s3_bucket}/samples"
     assert sample_main(["--model", "models:/ddpm-tiny@candidate", "--num", "20", "--actors", "2",
                         "--features", "random-init", "--allow-small-n",
