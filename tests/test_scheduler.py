@@ -7,6 +7,7 @@ can promote; the random-init *feature mode* (pseudo-FID) is checked never to pro
 """
 
 import json
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,7 @@ from pipelines.schedule_sampling import (
 )
 from pipelines.schedule_sampling import main as schedule_main
 from pipelines.train import register
+from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset
 
@@ -213,3 +215,21 @@ def test_a_pseudo_fid_is_recorded_but_never_promotes(world):
     assert float(t[EVAL + "pseudo_fid"]) > 0 and EVAL + "fid" not in t  # the earlier spec's FID is not kept
     assert t[PROMOTION + "decision"] == "not promoted: pseudo-FID only (FID needs the verified Inception weights)"
     assert champion(world) == before
+
+
+@pytest.mark.slow
+def test_bad_inputs_get_one_clear_error(world, caplog, monkeypatch):
+    caplog.set_level(logging.ERROR)
+    args = schedule_args(world)
+
+    def without(flag: str) -> list[str]:
+        i = args.index(flag)
+        return args[:i] + args[i + 2:]
+
+    monkeypatch.delenv("RAY_ADDRESS", raising=False)
+    expect_one_error(caplog, schedule_main, without("--address"), "no Ray job API address")
+    expect_one_error(caplog, schedule_main, [*without("--model-name"), "--model-name", "ddpm-nope"],
+                     "registered model 'ddpm-nope' does not exist")
+    expect_one_error(caplog, schedule_main, [a for a in args if a != "--once"] + ["--cron", "0 25 * * *"],
+                     "cron hour field '25'")
+    expect_one_error(caplog, schedule_main, [*args, "--max-attempts", "0"], "--max-attempts must be >= 1")
