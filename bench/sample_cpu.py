@@ -1,11 +1,12 @@
 """Sampling and Inception throughput on CPU for a preset (random weights: speed does not depend on them).
 
-    python bench/sample_cpu.py [--preset cifar10] [--batch 8]
+    python bench/sample_cpu.py [--preset cifar10] [--batch 8] [--repeats 3]
 
-1. In-process samples/s: DDIM-50, and DDPM-1000 timed over its first 50 steps (every step costs the
-   same network evaluation, so the rate scales exactly by 50/1000).
-2. The Ray sampling job (DDIM-50, no scoring) with 1 and 2 actors: wall-clock samples/s, actor
-   start-up included, and the ratio.
+1. In-process samples/s, fp32 and the bf16 fast path alternating, medians of `--repeats` runs:
+   DDIM-50, and DDPM-1000 timed over its first 10 steps (every step costs the same network
+   evaluation, so the rate scales exactly by 10/1000).
+2. The Ray sampling job (DDIM-50, no scoring, the job's default precision) with 1 and 2 actors:
+   wall-clock samples/s, actor start-up included, and the ratio.
 3. FID Inception features/s on the preset's images.
 Prints figures only.
 """
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import statistics
 import sys
 import tempfile
 import time
@@ -30,7 +32,7 @@ from ddpm_core.ema import EMA  # noqa: E402
 from ddpm_core.inception import FIDInception  # noqa: E402
 from ddpm_core.presets import get_preset  # noqa: E402
 from ddpm_core.rng import image_generators  # noqa: E402
-from ddpm_core.sampling import sample_images  # noqa: E402
+from ddpm_core.sampling import bf16_autocast, bf16_is_fast, sample_images  # noqa: E402
 from ddpm_core.training import build_optimizer  # noqa: E402
 from ddpm_core.unet import UNet  # noqa: E402
 from pipelines.ray_runtime import init_ray  # noqa: E402
@@ -42,6 +44,7 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--job-samples", type=int, default=32)
+    parser.add_argument("--repeats", type=int, default=3)
     args = parser.parse_args()
     config = get_preset(args.preset)
     torch.manual_seed(0)
@@ -52,14 +55,25 @@ def main() -> None:
     diffusion = GaussianDiffusion.from_config(config.diffusion)
     r, b = config.model.resolution, args.batch
 
-    start = time.perf_counter()
-    sample_images(model, diffusion, config, range(b), seed=0, sampler="ddim", steps=50)
-    ddim = b / (time.perf_counter() - start)
-    chain = diffusion.p_sample_loop_progressive(model, (b, 3, r, r), image_generators(0, range(b)))
-    start = time.perf_counter()
-    for _ in itertools.islice(chain, 50):
-        pass
-    ddpm = b / ((time.perf_counter() - start) * diffusion.num_timesteps / 50)
+    def ddim(bf16: bool) -> float:
+        start = time.perf_counter()
+        sample_images(model, diffusion, config, range(b), seed=0, sampler="ddim", steps=50, bf16=bf16)
+        return b / (time.perf_counter() - start)
+
+    def ddpm(bf16: bool) -> float:
+        denoiser = bf16_autocast(model, "cpu") if bf16 else model
+        chain = diffusion.p_sample_loop_progressive(denoiser, (b, 3, r, r), image_generators(0, range(b)))
+        start = time.perf_counter()
+        for _ in itertools.islice(chain, 10):
+            pass
+        return b / ((time.perf_counter() - start) * diffusion.num_timesteps / 10)
+
+    samplers = {"DDIM-50": ddim, "DDPM-1000 (from 10 steps)": ddpm}
+    rates = {(name, bf16): [] for name in samplers for bf16 in (False, True)}
+    for _ in range(args.repeats):
+        for name, bf16 in rates:
+            rates[name, bf16].append(samplers[name](bf16))
+    rate = {case: statistics.median(runs) for case, runs in rates.items()}
 
     inception = FIDInception.random_init(0)
     images = torch.randint(0, 256, (50, 3, r, r), dtype=torch.uint8)
@@ -86,14 +100,18 @@ def main() -> None:
             assert code == 0
             job_rates[actors] = args.job_samples / (time.perf_counter() - start)
 
-    print(f"\npreset {args.preset} ({r}x{r}), batch {b}, CPU (2 cores), random weights")
-    print(f"{'':44} {'samples/s':>10}")
-    print(f"{'in-process DDIM-50':44} {ddim:10.3f}")
-    print(f"{'in-process DDPM-1000 (rate of 50 steps x 50/1000)':44} {ddpm:10.4f}")
-    for actors, rate in job_rates.items():
-        print(f"{f'Ray job, DDIM-50, {actors} actor(s), wall clock':44} {rate:10.3f}   "
-              f"{rate / job_rates[1]:.2f}x vs 1 actor, {rate / actors:.3f} per actor")
-    print(f"{'FID Inception features (299x299 after resize)':44} {features:10.2f} images/s")
+    print(f"\npreset {args.preset} ({r}x{r}), batch {b}, CPU (2 cores), random weights; in-process: medians of "
+          f"{args.repeats} alternating runs")
+    print(f"{'':54} {'samples/s':>10}")
+    for name, bf16 in rate:
+        label = f"in-process {name}, {'bf16' if bf16 else 'fp32'}"
+        print(f"{label:54} {rate[name, bf16]:10.4f}" + (f"   {rate[name, True] / rate[name, False]:.2f}x vs fp32"
+                                                       if bf16 else ""))
+    precision = "bf16" if bf16_is_fast("cpu") else "fp32"
+    for actors, job_rate in job_rates.items():
+        print(f"{f'Ray job, DDIM-50 ({precision}), {actors} actor(s), wall clock':54} {job_rate:10.3f}   "
+              f"{job_rate / job_rates[1]:.2f}x vs 1 actor, {job_rate / actors:.3f} per actor")
+    print(f"{'FID Inception features (299x299 after resize)':54} {features:10.2f} images/s")
 
 
 if __name__ == "__main__":

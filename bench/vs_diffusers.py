@@ -1,13 +1,15 @@
 """Ours vs Hugging Face diffusers on the same network and weights: forward, train step, sampling.
 
-    python bench/vs_diffusers.py [--preset cifar10] [--batch 8] [--repeats 5]
+    python bench/vs_diffusers.py [--preset cifar10] [--batch 8] [--repeats 5] [--sampling-steps 20]
 
 diffusers' `UNet2DModel` is built with our architecture (same parameter count) and given our
 weights through the bridge, so both compute the same function. Runs alternate, in this one
-process; medians are compared. Sampling compares 50 network evaluations of our ancestral loop with
-`DDPMPipeline` (its per-step cost is what a 1000-step run repeats), and our DDIM-50. Achieved
-FLOP/s is set against this machine's measured matmul peak, and a profile of our forward pass says
-where the time goes. Prints figures only.
+process; medians are compared. Forward and train step run in fp32 and under bf16 autocast.
+Sampling takes one step of each sampler in turn (`--sampling-steps` of each; a step's cost is what
+a full run repeats, so rates scale to 1000 or 50 steps): our ancestral loop and DDIM, fp32 and the
+bf16 fast path (`bf16_autocast`, as `sample_images(bf16=True)`), against `DDPMPipeline` in fp32.
+Achieved FLOP/s is set against this machine's measured matmul peak, and a profile of one sampling
+step (fp32 and bf16) says where the time goes. Prints figures only.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.model_stats import forward_flops
 from ddpm_core.presets import get_preset
 from ddpm_core.rng import image_generators
+from ddpm_core.sampling import bf16_autocast
 from ddpm_core.unet import UNet
 
 
@@ -44,7 +47,10 @@ def main() -> None:
     parser.add_argument("--preset", default="cifar10")
     parser.add_argument("--batch", type=int, default=8)
     parser.add_argument("--repeats", type=int, default=5)
+    parser.add_argument("--sampling-steps", type=int, default=20, help="timed steps per sampler (at most 49)")
     args = parser.parse_args()
+    if not 1 <= args.sampling_steps <= 49:
+        parser.error("--sampling-steps must be in 1..49 (DDIM-50 has 50 steps, one is the warm-up)")
     config = get_preset(args.preset)
     torch.manual_seed(0)
     ours = UNet(config.model)
@@ -107,31 +113,62 @@ def main() -> None:
 
     diffusion = GaussianDiffusion.from_config(config.diffusion)
     ours.eval()
-    steps = 50
-    start = time.perf_counter()
-    for _, _ in zip(range(steps), diffusion.p_sample_loop_progressive(ours, x.shape, image_generators(0, range(b)))):
-        pass
-    ours_step = (time.perf_counter() - start) / steps
-    start = time.perf_counter()
-    diffusion.ddim_sample_loop(ours, x.shape, steps=50, generators=image_generators(0, range(b)))
-    ours_ddim = time.perf_counter() - start
+    theirs.eval()
+    denoisers = {False: ours, True: bf16_autocast(ours, "cpu")}
     scheduler = DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4, beta_end=0.02,
                               variance_type="fixed_large" if config.diffusion.variance == "fixedlarge"
                               else "fixed_small", clip_sample=True)
-    pipeline = DDPMPipeline(unet=theirs.eval(), scheduler=scheduler)
+    pipeline = DDPMPipeline(unet=theirs, scheduler=scheduler)
     pipeline.set_progress_bar_config(disable=True)
-    start = time.perf_counter()
-    pipeline(batch_size=b, num_inference_steps=steps, generator=torch.Generator().manual_seed(0), output_type="np")
-    their_step = (time.perf_counter() - start) / steps
-    print(f"\nsampling, batch {b} (fp32)           ours samples/s  DDPMPipeline  ratio")
-    print(f"DDPM-1000 (from 50 timed steps)     {b / (ours_step * 1000):14.4f}  {b / (their_step * 1000):12.4f}"
-          f"  {their_step / ours_step:5.2f}x")
-    print(f"DDIM-50 (ours) vs DDPMPipeline-50   {b / ours_ddim:14.3f}  {b / (their_step * 50):12.3f}"
-          f"  {their_step * 50 / ours_ddim:5.2f}x")
+    # One step of every sampler in turn, so load from other processes hits all alike. A step's cost is
+    # what a full run repeats: one network evaluation (a 1-step DDPMPipeline call adds only its set-up).
+    chains = {("DDPM", 1000, bf16): diffusion.p_sample_loop_progressive(
+        denoisers[bf16], x.shape, image_generators(0, range(b))) for bf16 in (False, True)}
+    chains |= {("DDIM", 50, bf16): diffusion.ddim_sample_loop_progressive(
+        denoisers[bf16], x.shape, steps=50, generators=image_generators(0, range(b))) for bf16 in (False, True)}
+    step_times = {case: [] for case in [*chains, "DDPMPipeline"]}
+    for repeat in range(args.sampling_steps + 1):
+        for case, runs in step_times.items():
+            start = time.perf_counter()
+            if case == "DDPMPipeline":
+                pipeline(batch_size=b, num_inference_steps=1, generator=torch.Generator().manual_seed(0),
+                         output_type="np")
+            else:
+                next(chains[case])
+            if repeat:
+                runs.append(time.perf_counter() - start)
+    step = {case: statistics.median(runs) for case, runs in step_times.items()}
+    theirs_step = step.pop("DDPMPipeline")
+    print(f"\nsampling, batch {b}: medians of {args.sampling_steps} steps per sampler, taken in turn, as images/s "
+          "of a full run;\nDDPMPipeline in fp32 (as users run it), at the same number of steps")
+    print(f"{'':9} {'precision':9} {'ours img/s':>10} {'DDPMPipeline':>12} {'ratio':>6} {'vs our fp32':>11}")
+    for (name, length, bf16), ours_step in step.items():
+        print(f"{f'{name}-{length}':9} {'bf16' if bf16 else 'fp32':9} {b / (ours_step * length):10.4f} "
+              f"{b / (theirs_step * length):12.4f} {theirs_step / ours_step:5.2f}x "
+              f"{step[name, length, False] / ours_step:10.2f}x")
 
-    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile, torch.no_grad():
-        ours(x, t)
-    print("\nprofile of our fp32 forward (top operators by self CPU time):")
+    for bf16 in (False, True):
+        profile_sampling_step(diffusion, denoisers[bf16], x.shape, "bf16" if bf16 else "fp32")
+
+
+def profile_sampling_step(diffusion: GaussianDiffusion, denoiser, shape: tuple[int, ...], precision: str) -> None:
+    """Where one ancestral step's time goes: top operators, and the share of the network evaluation."""
+
+    def network(x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.profiler.record_function("network"):
+            return denoiser(x_t, t)
+
+    chain = diffusion.p_sample_loop_progressive(network, shape, image_generators(0, range(shape[0])))
+    next(chain)
+    with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CPU]) as profile:
+        with torch.profiler.record_function("step"):
+            next(chain)
+    events = {event.key: event for event in profile.key_averages()}
+    step_ms, network_ms = events["step"].cpu_time_total / 1e3, events["network"].cpu_time_total / 1e3
+    print(f"\nprofile of one {precision} ancestral step, batch {shape[0]}: {step_ms:.1f} ms, of which the network "
+          f"{network_ms:.1f} ms ({100 * network_ms / step_ms:.2f}%); the rest (per-image noise, coefficient gathers, "
+          f"clipping, posterior mean) {step_ms - network_ms:.2f} ms, noise draws (aten::normal_) alone "
+          f"{events['aten::normal_'].self_cpu_time_total / 1e3:.2f} ms")
     print(profile.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 

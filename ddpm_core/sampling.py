@@ -1,6 +1,6 @@
 """Mass sampling on storage: image i drawn from its own seed, stored in WebDataset tars keyed by index.
 
-    samples.json             model, sampler, steps, eta, seed, N: what these samples are
+    samples.json             model, sampler, steps, eta, seed, N, bf16: what these samples are
     samples/000000.tar       <index:08d>.png for indices [k·per_tar, (k+1)·per_tar)
     _progress/000000.json    size and sha256 of each finished tar (a re-run skips those)
 
@@ -14,7 +14,7 @@ import io
 import json
 import tempfile
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import MISSING, asdict, dataclass, fields
 from pathlib import Path
 
 import numpy as np
@@ -24,7 +24,7 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .config import Config
-from .diffusion import GaussianDiffusion
+from .diffusion import Denoiser, GaussianDiffusion
 from .rng import image_generators
 from .storage import Storage, sha256_file
 
@@ -36,17 +36,43 @@ class SamplesError(ValueError):
     """A sampling output or request that cannot be used, with the reason."""
 
 
+def bf16_is_fast(device: torch.device | str) -> bool:
+    """The default of the bf16 fast path: on for CUDA, and on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16)."""
+    if torch.device(device).type == "cuda":
+        return True
+    capabilities = torch.cpu.get_capabilities()
+    # Without the instructions oneDNN emulates bf16, which is no faster than fp32.
+    return torch.backends.mkldnn.is_available() and any(
+        capabilities.get(name, False) for name in ("avx512_bf16", "amx_bf16", "bf16"))
+
+
+def bf16_autocast(model: torch.nn.Module, device: torch.device | str) -> Denoiser:
+    """The model with its forward pass under bf16 autocast; the diffusion arithmetic around it stays fp32."""
+    device_type = torch.device(device).type
+
+    def denoise(x: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        with torch.autocast(device_type, dtype=torch.bfloat16):
+            return model(x, t)
+
+    return denoise
+
+
 def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion, config: Config, indices: Sequence[int],
                   seed: int, sampler: str = "ddpm", steps: int = 50, eta: float = 0.0,
-                  device: torch.device | str = "cpu") -> torch.Tensor:
-    """Images in [-1, 1] for `indices`: the paper's ancestral sampler (all T steps) or DDIM."""
+                  device: torch.device | str = "cpu", bf16: bool = False) -> torch.Tensor:
+    """Images in [-1, 1] for `indices`: the paper's ancestral sampler (all T steps) or DDIM.
+
+    `bf16` runs the network under bf16 autocast: faster on CUDA and bf16 CPUs (bench/vs_diffusers.py), and
+    the images differ slightly from fp32 ones.
+    """
     r = config.model.resolution
     shape = (len(indices), config.model.in_channels, r, r)
     generators = image_generators(seed, indices, device)
+    denoiser = bf16_autocast(model, device) if bf16 else model
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(model, shape, generators, device)
+        return diffusion.p_sample_loop(denoiser, shape, generators, device)
     if sampler == "ddim":
-        return diffusion.ddim_sample_loop(model, shape, steps=steps, eta=eta, generators=generators, device=device)
+        return diffusion.ddim_sample_loop(denoiser, shape, steps=steps, eta=eta, generators=generators, device=device)
     raise SamplesError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
 
 
@@ -62,11 +88,16 @@ class SampleSpec:
     num: int
     per_tar: int
     resolution: int
+    bf16: bool = False  # network under bf16 autocast; specs written before this field were fp32
 
     def tars(self) -> list[tuple[int, int, int]]:
         """(tar index, first image index, image count) for every tar."""
         return [(k, start, min(self.per_tar, self.num - start))
                 for k, start in enumerate(range(0, self.num, self.per_tar))]
+
+
+# Fields added after the first specs were written, with the value those specs meant.
+SPEC_DEFAULTS = {f.name: f.default for f in fields(SampleSpec) if f.default is not MISSING}
 
 
 def tar_name(k: int) -> str:
@@ -79,17 +110,19 @@ def _progress_name(k: int) -> str:
 
 def prepare_output(storage: Storage, spec: SampleSpec) -> list[int]:
     """Check the output and return the tar indices already finished (size and sha256 verified)."""
-    wanted = json.dumps(asdict(spec), sort_keys=True)
+    wanted = asdict(spec)
     if storage.exists(SPEC):
-        existing = json.loads(storage.read_bytes(SPEC))
-        if json.dumps(existing, sort_keys=True) != wanted:
-            raise SamplesError(f"output {storage.uri} holds samples of another model or setting "
-                               f"({existing.get('model')}, {existing.get('sampler')}, seed {existing.get('seed')}, "
-                               f"N {existing.get('num')}); choose another --out")
+        existing = {**SPEC_DEFAULTS, **json.loads(storage.read_bytes(SPEC))}
+        if existing != wanted:
+            differences = ", ".join(f"{key} {existing.get(key)!r} there, {wanted.get(key)!r} asked"
+                                    for key in sorted(existing.keys() | wanted.keys())
+                                    if existing.get(key) != wanted.get(key))
+            raise SamplesError(f"output {storage.uri} holds samples of another model or setting ({differences}); "
+                               "choose another --out")
     elif storage.list("samples/"):
         raise SamplesError(f"output {storage.uri} already holds sample tars without a {SPEC}; choose another --out")
     else:
-        storage.write_bytes(SPEC, wanted.encode())
+        storage.write_bytes(SPEC, json.dumps(wanted, sort_keys=True).encode())
     finished = []
     for k, _, _ in spec.tars():
         if not storage.exists(_progress_name(k)):

@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import sys
 import tarfile
 import time
@@ -75,38 +74,6 @@ def check(code: int, stage: str) -> None:
         raise SystemExit(f"demo: the {stage} stage failed (exit status {code}); its error is logged above")
 
 
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def start_ray() -> str:
-    """A local Ray on 127.0.0.1 with its dashboard (the job API the scheduler submits to); returns its URL."""
-    import ray
-    from ray.job_submission import JobSubmissionClient
-
-    # Submitted jobs run `python ...` from the cluster's PATH: make it this environment's python.
-    os.environ["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"
-    port = free_port()
-    ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=True,
-             dashboard_host="127.0.0.1", dashboard_port=port, log_to_driver=True)
-    address = f"http://127.0.0.1:{port}"
-    # The job agent registers a few seconds after Ray starts: wait until a trivial job has run.
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            client = JobSubmissionClient(address)
-            job = client.submit_job(entrypoint="python -c pass")
-            while not client.get_job_status(job).is_terminal():
-                time.sleep(0.5)
-            return address
-        except Exception as error:  # noqa: BLE001 - the agent is not up yet
-            if time.monotonic() > deadline:
-                raise SystemExit(f"demo: the local Ray job API at {address} never came up: {error}") from None
-            time.sleep(1)
-
-
 def first_training_images(data: str, count: int) -> np.ndarray:
     """The first `count` training images exactly as the model sees them (decoded from the shards)."""
     storage = open_storage(data)
@@ -145,9 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     # Ray 2.60 token authentication stays on: the scheduler's job client must present the token.
     # Set before Ray is first imported (below): Ray reads the mode once per process.
     os.environ.setdefault("RAY_AUTH_MODE", "token")
-    from pipelines import fid_reference, sample_fid, schedule_sampling, shard, train
-    from pipelines.demo_data import build_lmdb
-    from pipelines.tracking import connect
+    from pipelines.ray_runtime import LocalHead
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dir", default="demo", help="where everything goes (default ./demo)")
@@ -157,6 +122,22 @@ def main(argv: list[str] | None = None) -> int:
     size = FAST if args.fast else FULL
     root = Path(args.dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
+
+    stages = Stages(total=7)
+    head = stages.run("ray", "a local Ray head on 127.0.0.1 with its job API",
+                      lambda: LocalHead(num_cpus=2, log_path=root / "ray-head.log"))
+    try:
+        return run_stages(args, size, root, head, stages)
+    finally:
+        head.stop()
+
+
+def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
+    from pipelines import fid_reference, sample_fid, schedule_sampling, shard, train
+    from pipelines.demo_data import build_lmdb
+    from pipelines.tracking import connect
+
+    os.environ["RAY_ADDRESS"] = head.address  # every stage joins this cluster
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     lmdb, data = root / f"photos_{size.images}_lmdb", root / f"data_{size.images}"
     try:
@@ -165,16 +146,14 @@ def main(argv: list[str] | None = None) -> int:
     except InceptionWeightsError:
         weights, features, label, ref = None, "random-init", "pseudo_fid", data / "fid_stats_pseudo.npz"
     # DDIM with η = 1 (stochastic, 50 steps): η = 0 over-saturates the colours of a briefly trained model.
+    # bf16 for the network, the same for the baseline and the scheduler's batch so that scores compare.
     scoring = ["--features", features, "--allow-small-n", "--sampler", "ddim", "--steps", str(size.ddim_steps),
-               "--eta", "1.0",
-               "--num", str(size.samples), "--per-tar", str(size.samples), "--ref", str(ref),
+               "--eta", "1.0", "--bf16", "--num", str(size.samples), "--per-tar", str(size.samples), "--ref", str(ref),
                "--cpus-per-actor", "1", "--batch-size", "64", "--tracking-uri", tracking,
                *(["--inception-weights", weights] if weights else [])]
-    print(f"ddpm-ray demo in {root} ({'fast' if args.fast else 'full'}: {size.images} images, {size.steps} "
+    print(f"\nddpm-ray demo in {root} ({'fast' if args.fast else 'full'}: {size.images} images, {size.steps} "
           f"training steps, {size.samples} samples scored by {label.replace('_', '-')})", flush=True)
 
-    stages = Stages(total=7)
-    address = stages.run("ray", "a local Ray on 127.0.0.1 with its job API", start_ray)
     stages.run("dataset", f"{size.images} crops of bundled photos → LSUN-style LMDB",
                lambda: lmdb.exists() or build_lmdb(lmdb, size.images))
     stages.run("shard", "LMDB → 32×32 WebDataset shards (the LSUN path)", lambda: check(shard.main(
@@ -198,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     evaluations = root / "evaluations"
     stages.run("schedule", "one scheduler tick: it submits the sampling batch of the new version to the Ray "
                            "job API, scores it and decides promotion", lambda: check(schedule_sampling.main(
-        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", address, "--poll", "10",
+        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", head.job_api, "--poll", "10",
          "--actors", "2", *scoring]), "schedule"))
 
     client = connect(tracking)

@@ -4,6 +4,13 @@ from __future__ import annotations
 
 import logging
 import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import ray
 
@@ -30,3 +37,72 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
 
 def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class LocalHead:
+    """A Ray head on 127.0.0.1 (`ray start --head --block`, token authentication on) with its job API.
+
+    Every port is explicit and free, so it coexists with other Ray clusters on the machine, and `stop()`
+    ends this cluster's processes only (never `ray stop`, which ends every cluster of the machine).
+    Jobs run `python ...` from the head's PATH: this environment's python comes first.
+    """
+
+    PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
+                  "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
+
+    def __init__(self, num_cpus: int, log_path: Path, timeout: float = 180):
+        ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
+        gcs_port, dashboard_port = free_port(), free_port()
+        self.address, self.job_api = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
+        env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+        with open(log_path, "ab") as log_file:
+            self.process = subprocess.Popen(
+                [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
+                 f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
+                 "--disable-usage-stats", *(f"--{flag}={free_port()}" for flag in self.PORT_FLAGS)],
+                stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
+        try:
+            self._wait_for_job_api(timeout, log_path)
+        except BaseException:
+            self.stop()
+            raise
+
+    def _wait_for_job_api(self, timeout: float, log_path: Path) -> None:
+        """The job agent registers seconds after the head starts: wait until a trivial job has run."""
+        from ray.job_submission import JobSubmissionClient
+
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                client = JobSubmissionClient(self.job_api)
+                job = client.submit_job(entrypoint="python -c pass")
+                while not client.get_job_status(job).is_terminal():
+                    time.sleep(0.5)
+                return
+            except Exception as error:  # noqa: BLE001 - not up yet
+                if self.process.poll() is not None or time.monotonic() > deadline:
+                    raise RuntimeError(f"the local Ray head at {self.job_api} never accepted a job ({error}); "
+                                       f"see {log_path}") from None
+                time.sleep(1)
+
+    def stop(self) -> None:
+        """SIGTERM to the head's process group, then SIGKILL to whatever is left after 30 s."""
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            try:
+                os.killpg(self.process.pid, sig)
+            except ProcessLookupError:
+                return
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                self.process.poll()  # reap the leader, or the group never looks empty
+                try:
+                    os.killpg(self.process.pid, 0)
+                except ProcessLookupError:
+                    return
+                time.sleep(0.5)

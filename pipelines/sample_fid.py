@@ -39,6 +39,7 @@ from ddpm_core.sampling import (
     SAMPLERS,
     SamplesError,
     SampleSpec,
+    bf16_is_fast,
     prepare_output,
     read_sample_tar,
     sample_images,
@@ -98,7 +99,7 @@ class SampleAndScore:
             images = np.concatenate([
                 to_uint8(sample_images(self.model, self.diffusion, self.config, indices[i:i + self.batch_size],
                                        self.spec.seed, self.spec.sampler, self.spec.steps, self.spec.eta,
-                                       self.device))
+                                       self.device, self.spec.bf16))
                 for i in range(0, count, self.batch_size)])
             write_sample_tar(self.storage, k, indices, images)
         if self.inception is None:
@@ -120,6 +121,10 @@ def add_arguments(parser: argparse.ArgumentParser, features_default: str = "ince
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass on an actor")
     parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="the network under bf16 autocast, the diffusion arithmetic in fp32 (default: on with "
+                             "--gpu; on CPU if this machine's CPU has native bf16: AVX512-BF16, AMX, Arm BF16). "
+                             "--no-bf16: fp32. Recorded in samples.json")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--features", choices=FEATURES, default=features_default,
                         help="inception: the FID network (verified weights); random-init: development only, "
@@ -176,13 +181,14 @@ def _run(args: argparse.Namespace) -> int:
     storage = open_storage(args.out)
     storage.check_writable()
     steps = config.diffusion.timesteps if args.sampler == "ddpm" else args.steps
+    bf16 = bf16_is_fast("cuda" if args.gpu else "cpu") if args.bf16 is None else args.bf16
     spec = SampleSpec(resolved, args.sampler, steps, args.eta if args.sampler == "ddim" else 0.0, args.seed,
-                      args.num, args.per_tar, config.model.resolution)
+                      args.num, args.per_tar, config.model.resolution, bf16)
     finished = set(prepare_output(storage, spec))
     tars = spec.tars()
-    log.info("%s: %d samples of %s in %d tars (%d already there), %s %d steps, seed %d; %d actor(s)",
+    log.info("%s: %d samples of %s in %d tars (%d already there), %s %d steps, seed %d, %s; %d actor(s)",
              storage.uri, spec.num, resolved, len(tars), len(finished), spec.sampler, spec.steps, spec.seed,
-             args.actors)
+             "bf16" if spec.bf16 else "fp32", args.actors)
 
     init_ray(args.address)
     rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
@@ -195,7 +201,7 @@ def _run(args: argparse.Namespace) -> int:
     features, scores = merge_statistics(stage.iter_rows(), spec.num, "samples")
 
     result = {"model": resolved, "sampler": spec.sampler, "steps": spec.steps, "eta": spec.eta, "seed": spec.seed,
-              "num": spec.num, "features": args.features, "inception_weights_sha256": weights_sha,
+              "num": spec.num, "bf16": spec.bf16, "features": args.features, "inception_weights_sha256": weights_sha,
               "reference": args.ref, "reference_sha256": reference_sha}
     label = "fid" if args.features == "inception" else "pseudo_fid"
     if scoring:

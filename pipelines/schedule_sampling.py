@@ -59,6 +59,7 @@ class EvalSpec:
     ref: str | None
     features: str
     per_tar: int
+    bf16: bool = False  # the network's precision: FIDs under one spec come from one precision
 
     @property
     def digest(self) -> str:
@@ -67,7 +68,7 @@ class EvalSpec:
     def job_arguments(self) -> list[str]:
         arguments = ["--num", str(self.num), "--sampler", self.sampler, "--steps", str(self.steps),
                      "--eta", str(self.eta), "--seed", str(self.seed), "--features", self.features,
-                     "--per-tar", str(self.per_tar)]
+                     "--per-tar", str(self.per_tar), "--bf16" if self.bf16 else "--no-bf16"]
         return arguments + (["--ref", self.ref] if self.ref else [])
 
 
@@ -363,6 +364,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
     parser.add_argument("--features", choices=("inception", "random-init", "none"), default="inception",
                         help="random-init gives a pseudo-FID, which is recorded but never promotes")
+    parser.add_argument("--bf16", action="store_true",
+                        help="sample with the network under bf16 autocast (faster; default fp32, the exact path)")
     parser.add_argument("--actors", type=int, default=1, help="sampling actors per batch")
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--batch-size", type=int, default=64)
@@ -411,7 +414,8 @@ def build(args: argparse.Namespace) -> Scheduler:
             " (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and provide the token)")
         raise SchedulerError(f"cannot reach the Ray job API at {address}: {_first_line(error)}{hint}") from None
     spec = EvalSpec(args.num, args.sampler, args.steps if args.sampler == "ddim" else 0,
-                    args.eta if args.sampler == "ddim" else 0.0, args.seed, args.ref, args.features, args.per_tar)
+                    args.eta if args.sampler == "ddim" else 0.0, args.seed, args.ref, args.features, args.per_tar,
+                    args.bf16)
     return Scheduler(args.model_name, spec, args.out_root, jobs, client, tracking_uri, job_options(args),
                      args.max_attempts, tuple(args.aliases), args.working_dir)
 

@@ -52,47 +52,14 @@ def ray_local(s3_endpoint):
     ray.shutdown()
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(scope="session")
 def ray_head(tmp_path_factory, s3_endpoint):
     """`ray start --head` on 127.0.0.1 (token authentication on, as Ray 2.60 defaults); yields the job API URL."""
-    import shutil
-    import subprocess
-    import sys
-    from pathlib import Path
+    from pipelines.ray_runtime import LocalHead
 
-    ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-    gcs_port, dashboard_port = free_port(), free_port()
-    # Every agent port explicit: the session's in-process Ray already holds the defaults.
-    ports = [f"--{name}={free_port()}" for name in (
-        "dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
-        "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")]
-    # Jobs run `python ...` from the head's PATH: make it this environment's python, as a cluster image would.
-    env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
-    subprocess.run([ray_cli, "start", "--head", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
-                    "--num-cpus=2", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                    "--disable-usage-stats", *ports], check=True, capture_output=True, env=env)
-    address = f"http://127.0.0.1:{dashboard_port}"
-    # The job agent registers a few seconds after `ray start` returns: wait until a trivial job runs.
-    deadline = time.monotonic() + 120
-    while True:
-        probe = subprocess.run([ray_cli, "job", "submit", "--address", address, "--", "python", "-c", "pass"],
-                               env={**os.environ, "RAY_AUTH_MODE": "token"}, capture_output=True, text=True)
-        if probe.returncode == 0:
-            break
-        if time.monotonic() > deadline:
-            subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
-            raise RuntimeError(f"the Ray head never accepted a job: {probe.stderr[-2000:]}")
-        time.sleep(2)
-    yield address
-    subprocess.run([ray_cli, "stop", "--force"], capture_output=True)
+    head = LocalHead(num_cpus=2, log_path=tmp_path_factory.mktemp("ray-head") / "ray-head.log")
+    yield head.job_api
+    head.stop()
 
 
 @pytest.fixture(scope="session")
@@ -102,6 +69,8 @@ def mlflow_server(tmp_path_factory):
     import sys
     import urllib.request
     from pathlib import Path
+
+    from pipelines.ray_runtime import free_port
 
     root = tmp_path_factory.mktemp("mlflow-server")
     port = free_port()
