@@ -129,6 +129,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_stages(args, size, root, head, stages)
     finally:
+        import ray
+
+        ray.shutdown()  # this process is a driver of the head: detach before the head goes
         head.stop()
 
 

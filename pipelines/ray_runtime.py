@@ -92,17 +92,16 @@ class LocalHead:
                 time.sleep(1)
 
     def stop(self) -> None:
-        """SIGTERM to the head's process group, then SIGKILL to whatever is left after 30 s."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                return
-            deadline = time.monotonic() + 30
-            while time.monotonic() < deadline:
-                self.process.poll()  # reap the leader, or the group never looks empty
-                try:
-                    os.killpg(self.process.pid, 0)
-                except ProcessLookupError:
-                    return
-                time.sleep(0.5)
+        """SIGTERM to the head's process group (the leader stops its raylet, GCS and dashboard), then SIGKILL."""
+        try:
+            os.killpg(self.process.pid, signal.SIGTERM)
+            self.process.wait(30)
+        except ProcessLookupError:
+            return
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the group is still there
+        except ProcessLookupError:
+            pass
+        self.process.wait()
