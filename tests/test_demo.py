@@ -35,8 +35,8 @@ def test_demo_fast_mode_produces_grid_registered_version_and_scores(tmp_path):
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     grid = np.asarray(Image.open(summary["samples_grid"]))
-    side = 8 * 32 + 7 * 2  # 8×8 cells of 32 px, 2 px apart
-    assert grid.shape[1] == side and grid.shape[2] == 3 and grid.shape[0] == (FAST.samples // 8) * 34 - 2
+    side = 8 * 32 + 9 * 2  # 8 cells of 32 px a row, a 2 px border around each
+    assert grid.shape[1] == side and grid.shape[2] == 3 and grid.shape[0] == (FAST.samples // 8) * 34 + 2
     assert np.asarray(Image.open(summary["data_grid"])).shape == (side, side, 3)
 
     result = json.loads(open(summary["fid_json"]).read())
