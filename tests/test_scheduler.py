@@ -197,8 +197,9 @@ def test_two_schedulers_started_at_once_submit_each_batch_once(world):
     racers = [subprocess.Popen(command, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
               for _ in range(2)]
     logs = [racer.communicate(timeout=600)[0] for racer in racers]
-    assert [racer.returncode for racer in racers] == [0, 0], logs
     job = submission_id("ddpm-tiny", version, scheduler(world).spec, 1)
+    # Both saw the one batch through to its end.
+    assert all(f"v{version}: {job} succeeded" in log and "Traceback" not in log for log in logs), logs
     assert sum(f"v{version}: submitted {job}" in log for log in logs) == 1, logs
     assert eval_jobs(world, version) == [job]
     runs = world["client"].search_runs([world["experiment"]], filter_string="tags.`ddpm.kind` = 'evaluation'")
