@@ -48,7 +48,7 @@ def run(args: argparse.Namespace) -> int:
 
 def import_model(args: argparse.Namespace) -> None:
     from pipelines.tracking import connect, experiment_id, resolve_tracking_uri
-    from pipelines.train import register
+    from pipelines.registry import register
 
     model, config = import_folder(args.folder)
     log.info("imported %s as preset %s (%s)", args.folder, config.preset, config.diffusion.variance)
@@ -68,7 +68,7 @@ def import_model(args: argparse.Namespace) -> None:
 
 
 def export_model(args: argparse.Namespace) -> None:
-    from pipelines.model_source import load_model, resolve_model
+    from pipelines.registry import load_model, resolve_model
     from pipelines.tracking import connect, resolve_tracking_uri
 
     uri = resolve_tracking_uri(args.tracking_uri)

@@ -24,7 +24,7 @@ log = logging.getLogger("ddpm.figures")
 
 
 def _load(args: argparse.Namespace):
-    from pipelines.model_source import load_model, resolve_model
+    from pipelines.registry import load_model, resolve_model
     from pipelines.tracking import connect, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)

@@ -76,7 +76,7 @@ class SampleAndScore:
 
     def __init__(self, model: str, tracking_uri: str, spec: dict, out: str, features: str, weights: str | None,
                  batch_size: int, threads: int):
-        from pipelines.model_source import load_model
+        from pipelines.registry import load_model
 
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -153,7 +153,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import ray
 
-    from pipelines.model_source import load_model, resolve_model
+    from pipelines.registry import load_model, resolve_model
     from pipelines.ray_runtime import init_ray
     from pipelines.tracking import connect, resolve_tracking_uri
 

@@ -24,8 +24,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-import ddpm_core
-from ddpm_core.checkpoint import EMA_WEIGHTS, TrainingState, load_checkpoint, save_checkpoint
+from ddpm_core.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from ddpm_core.config import Config, ConfigError
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.ema import EMA
@@ -219,15 +218,6 @@ def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = 
     parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
 
 
-def code_version() -> str:
-    from importlib.metadata import PackageNotFoundError, version
-
-    try:
-        return version("ddpm-ray")
-    except PackageNotFoundError:
-        return "unknown"
-
-
 def storage_filesystem(uri: str):
     """A pyarrow filesystem for s3:// storage that honours AWS_ENDPOINT_URL (MinIO, moto); else None."""
     endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
@@ -237,37 +227,6 @@ def storage_filesystem(uri: str):
 
     return pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=endpoint.split("://")[0],
                                    region=os.environ.get("AWS_DEFAULT_REGION", "us-east-1"))
-
-
-def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: dict) -> str:
-    """Log the EMA model as a pyfunc in the run, register it as ddpm-<preset>, alias `candidate`."""
-    import mlflow
-    from mlflow.models.signature import ModelSignature
-    from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
-
-    from pipelines import ddpm_model
-
-    r = config.model.resolution
-    signature = ModelSignature(
-        inputs=Schema([ColSpec("long", "index")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, config.model.out_channels))]),
-        params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", "ddim"),
-                            ParamSpec("steps", "long", 50), ParamSpec("eta", "double", 0.0)]),
-    )
-    with tempfile.TemporaryDirectory(prefix="ddpm-model-") as scratch:
-        model_dir = Path(scratch) / "model"
-        model_dir.mkdir()
-        shutil.copy(checkpoint_dir / EMA_WEIGHTS, model_dir / EMA_WEIGHTS)
-        (model_dir / "config.json").write_text(config.to_json())
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=ddpm_model.__file__, artifacts={"model": str(model_dir)},
-                code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature,
-                pip_requirements=["torch", "numpy", "safetensors", "pillow"])
-    name = f"ddpm-{config.preset}"
-    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
-    client.set_registered_model_alias(name, "candidate", version.version)
-    return version.version
 
 
 def run(args: argparse.Namespace) -> int:
@@ -287,6 +246,7 @@ def _run(args: argparse.Namespace) -> int:
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from pipelines.ray_runtime import init_ray
+    from pipelines.registry import code_version, register
     from pipelines.tracking import connect, experiment_id, find_or_create_run, redact, resolve_tracking_uri
 
     config = get_preset(args.preset).with_overrides(args.set)

@@ -15,7 +15,7 @@ from ddpm_core.fid import save_reference
 from ddpm_core.presets import get_preset
 from pipelines.fid_reference import main as reference_main
 from pipelines.sample_fid import main as sample_main
-from pipelines.train import register
+from pipelines.registry import register
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset

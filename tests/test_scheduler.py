@@ -34,7 +34,7 @@ from pipelines.schedule_sampling import (
     verified_fid,
 )
 from pipelines.schedule_sampling import main as schedule_main
-from pipelines.train import register
+from pipelines.registry import register
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset
