@@ -109,9 +109,6 @@ def save_untrained(directory: Path) -> Path:
 
 
 def main(argv: list[str] | None = None) -> int:
-    # Ray 2.60 token authentication stays on: the scheduler's job client must present the token.
-    # Set before Ray is first imported (below): Ray reads the mode once per process.
-    os.environ.setdefault("RAY_AUTH_MODE", "token")
     from pipelines.ray_runtime import LocalHead
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
@@ -124,8 +121,9 @@ def main(argv: list[str] | None = None) -> int:
     root.mkdir(parents=True, exist_ok=True)
 
     stages = Stages(total=7)
-    head = stages.run("ray", "a local Ray head on 127.0.0.1 with its job API",
-                      lambda: LocalHead(num_cpus=2, log_path=root / "ray-head.log"))
+    # Token authentication on, with the demo's own token in demo/ray/ (the jobs it submits inherit it).
+    head = stages.run("ray", "a local Ray head on 127.0.0.1 with its job API (token authentication)",
+                      lambda: LocalHead(num_cpus=2, state_dir=root / "ray"))
     try:
         return run_stages(args, size, root, head, stages)
     finally:

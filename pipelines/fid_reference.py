@@ -64,12 +64,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import configure_logging
+    from pipelines.ray_runtime import RayConnectionError, configure_logging
 
     configure_logging()
     try:
         return _run(args)
-    except (DatasetError, StorageError, InceptionWeightsError, StatsError, ValueError) as error:
+    except (DatasetError, StorageError, InceptionWeightsError, StatsError, RayConnectionError, ValueError) as error:
         log.error("%s", error)
         return 2
 

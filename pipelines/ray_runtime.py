@@ -3,32 +3,80 @@
 from __future__ import annotations
 
 import logging
+import atexit
 import os
+import secrets
 import shutil
 import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
-import ray
-
 log = logging.getLogger(__name__)
+# Where a client finds a cluster's token (Ray reads them in this order, then ~/.ray/auth_token).
+TOKEN_ENV = ("RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH")
+REMOTE_TOKEN_FIX = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<a file holding the cluster's token> "
+                    "(or RAY_AUTH_TOKEN=<the token>); the cluster's admin has it (`ray get-auth-token` on the head)")
+
+
+class RayConnectionError(RuntimeError):
+    """A cluster this job cannot join, with the fix."""
+
+
+def use_local_token(state_dir: Path) -> Path | None:
+    """A token of its own, in `state_dir`, for a Ray this process starts (token mode: pipelines/__init__.py).
+
+    A token the user configured (RAY_AUTH_TOKEN, RAY_AUTH_TOKEN_PATH) is used as it is. Otherwise the
+    token is created in `state_dir` and RAY_AUTH_TOKEN_PATH points this process and its children (the
+    head, its workers, the jobs they run) to it: `~/.ray/auth_token` is never read or written, so a
+    fresh HOME works and other clusters' tokens are left alone. Call before Ray first reads a token.
+    Returns the token file, or None when the user's token is used.
+    """
+    if any(os.environ.get(name) for name in TOKEN_ENV):
+        return None
+    state_dir.mkdir(parents=True, exist_ok=True)
+    path = state_dir / "auth_token"
+    if not path.is_file() or not path.read_text().strip():
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(descriptor, "w") as token:
+            token.write(secrets.token_hex(32))
+    os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
+    return path
+
+
+def is_auth_failure(error: BaseException) -> bool:
+    """Whether Ray refused a client for a missing or wrong token."""
+    text = f"{type(error).__name__} {error}".lower()
+    return any(word in text for word in ("authentication", "unauthorized", "unauthenticated", "401"))
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     """Join the cluster at `address` / RAY_ADDRESS (as under `ray job submit`), else start a local Ray.
 
     `--address auto` joins a cluster that `ray start` runs on this machine; without an address the
-    job never attaches to one by accident.
+    job never attaches to one by accident. A local Ray gets a token of its own (`use_local_token`),
+    kept in a folder that goes with this process.
     """
+    import ray
+
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
     if address:
-        ray.init(address=address, log_to_driver=True)
+        try:
+            ray.init(address=address, log_to_driver=True)
+        except Exception as error:
+            if is_auth_failure(error):
+                raise RayConnectionError(f"the Ray cluster at {address} refused this client's token: "
+                                   f"{REMOTE_TOKEN_FIX}") from None
+            raise
     else:
+        state = Path(tempfile.mkdtemp(prefix="ddpm-ray-"))
+        atexit.register(shutil.rmtree, state, ignore_errors=True)
+        use_local_token(state)
         # Loopback only: a laptop run must not open ports on the network.
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=True)
@@ -50,13 +98,18 @@ class LocalHead:
 
     Every port is explicit and free, so it coexists with other Ray clusters on the machine, and `stop()`
     ends this cluster's processes only (never `ray stop`, which ends every cluster of the machine).
-    Jobs run `python ...` from the head's PATH: this environment's python comes first.
+    Jobs run `python ...` from the head's PATH: this environment's python comes first. Its token is
+    created in `state_dir` unless the user configured one (`use_local_token`); this process and the
+    jobs it submits use the same.
     """
 
     PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
                   "runtime-env-agent-port", "ray-client-server-port", "node-manager-port", "object-manager-port")
 
-    def __init__(self, num_cpus: int, log_path: Path, timeout: float = 180):
+    def __init__(self, num_cpus: int, state_dir: Path, timeout: float = 180):
+        state_dir.mkdir(parents=True, exist_ok=True)
+        use_local_token(state_dir)
+        log_path = state_dir / "ray-head.log"
         ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
         gcs_port, dashboard_port = free_port(), free_port()
         self.address, self.job_api = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"

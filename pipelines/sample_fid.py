@@ -138,14 +138,14 @@ def add_arguments(parser: argparse.ArgumentParser, features_default: str = "ince
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import configure_logging
+    from pipelines.ray_runtime import RayConnectionError, configure_logging
     from pipelines.tracking import TrackingError
 
     configure_logging()
     try:
         return _run(args)
     except (SamplesError, StatsError, InceptionWeightsError, StorageError, TrackingError, CheckpointError,
-            ValueError) as error:
+            RayConnectionError, ValueError) as error:
         log.error("%s", error)
         return 2
 

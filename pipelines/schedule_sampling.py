@@ -43,8 +43,28 @@ SUBMITTED, SUCCEEDED, FAILED, GAVE_UP = "submitted", "succeeded", "failed", "gav
 PASSED_ENV = (WEIGHTS_ENV, TRUSTED_ENV)
 
 
+REGISTRY_ATTEMPTS, REGISTRY_BACKOFF = 5, 0.5  # seconds, doubled after each failed attempt
+
+
 class SchedulerError(RuntimeError):
     """A registry or cluster the scheduler cannot use, with the reason."""
+
+
+def retrying(what: str, call, done=None, attempts: int = REGISTRY_ATTEMPTS, backoff: float = REGISTRY_BACKOFF):
+    """`call()`, retried with exponential backoff; after a failure, `done()` may say it took effect anyway."""
+    for attempt in range(1, attempts + 1):
+        try:
+            return call()
+        except Exception as error:  # noqa: BLE001 - MLflow, HTTP and connection errors alike
+            try:
+                if done is not None and done():
+                    return None
+            except Exception:  # noqa: BLE001 - the read-back failed too: retry the write
+                pass
+            if attempt == attempts:
+                raise SchedulerError(f"{what} failed {attempts} times: {_first_line(error)}") from None
+            log.warning("%s failed (attempt %d/%d), retrying: %s", what, attempt, attempts, _first_line(error))
+            time.sleep(backoff * 2 ** (attempt - 1))
 
 
 @dataclass(frozen=True)
@@ -147,7 +167,20 @@ class Scheduler:
 
     def tag(self, version: int, prefix: str, values: dict[str, object]) -> None:
         for key, value in values.items():
-            self.client.set_model_version_tag(self.model_name, str(version), prefix + key, str(value))
+            self.set_tag(version, prefix + key, str(value))
+
+    def set_tag(self, version: int, key: str, value: str) -> None:
+        """Write one version tag idempotently: a tag that already holds `value` is success.
+
+        Schedulers that race write the same new tag at once; MLflow's SQL store answers one of them
+        with a unique-key conflict (HTTP 400) that its client does not retry. Read back and compare,
+        then retry with backoff.
+        """
+        def holds_value() -> bool:
+            return self.client.get_model_version(self.model_name, str(version)).tags.get(key) == value
+
+        retrying(f"setting tag {key} of {self.model_name} v{version}",
+                 lambda: self.client.set_model_version_tag(self.model_name, str(version), key, value), holds_value)
 
     def alias_holder(self, alias: str):
         """The version holding `alias`, or None."""
@@ -307,7 +340,9 @@ class Scheduler:
             SUBMITTED, FAILED) and versions[holder].get(EVAL + "spec") == self.spec.digest
         promote = best is not None and not pending and (held is None or scored[best] < held)
         if promote:
-            self.client.set_registered_model_alias(self.model_name, CHAMPION, str(best))
+            retrying(f"moving {CHAMPION} of {self.model_name} to v{best}",
+                     lambda: self.client.set_registered_model_alias(self.model_name, CHAMPION, str(best)),
+                     lambda: getattr(self.alias_holder(CHAMPION), "version", None) == str(best))
             decision = (f"promoted: FID {scored[best]:.4f} < champion v{holder} FID {held:.4f}" if held is not None
                         else f"promoted: FID {scored[best]:.4f}; " + (f"champion v{holder} has no FID under this "
                                                                       "spec" if holder else "no champion before"))
@@ -397,6 +432,7 @@ def job_options(args: argparse.Namespace) -> list[str]:
 def build(args: argparse.Namespace) -> Scheduler:
     from ray.job_submission import JobSubmissionClient
 
+    from pipelines.ray_runtime import REMOTE_TOKEN_FIX, is_auth_failure
     from pipelines.tracking import connect, resolve_tracking_uri
 
     for name, value in (("--num", args.num), ("--max-attempts", args.max_attempts), ("--actors", args.actors)):
@@ -410,9 +446,10 @@ def build(args: argparse.Namespace) -> Scheduler:
     try:
         jobs = JobSubmissionClient(address)
     except Exception as error:  # noqa: BLE001 - connection, HTTP and authentication errors alike
-        hint = "" if os.environ.get("RAY_AUTH_MODE") == "token" else (
-            " (Ray 2.60 clusters use token authentication: set RAY_AUTH_MODE=token and provide the token)")
-        raise SchedulerError(f"cannot reach the Ray job API at {address}: {_first_line(error)}{hint}") from None
+        if is_auth_failure(error):
+            raise SchedulerError(f"the Ray job API at {address} refused this client's token: "
+                                 f"{REMOTE_TOKEN_FIX}") from None
+        raise SchedulerError(f"cannot reach the Ray job API at {address}: {_first_line(error)}") from None
     spec = EvalSpec(args.num, args.sampler, args.steps if args.sampler == "ddim" else 0,
                     args.eta if args.sampler == "ddim" else 0.0, args.seed, args.ref, args.features, args.per_tar,
                     args.bf16)

@@ -44,7 +44,7 @@ def run(args: argparse.Namespace) -> int:
     # Imported here so that `ddpm --help` and the argument parser load without Ray.
     import ray
 
-    from pipelines.ray_runtime import configure_logging, init_ray
+    from pipelines.ray_runtime import RayConnectionError, configure_logging, init_ray
 
     configure_logging()
     source_kind = args.source
@@ -63,7 +63,11 @@ def run(args: argparse.Namespace) -> int:
 
     results = list(done)
     if todo:
-        init_ray(args.address)
+        try:
+            init_ray(args.address)
+        except RayConnectionError as error:
+            log.error("%s", error)
+            return 2
         task = ray.remote(num_cpus=1, max_retries=3)(build_shard)
         source_ref = ray.put(source)
         limit = args.parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))

@@ -1,12 +1,24 @@
 import os
+import shutil
+import tempfile
 import time
+from pathlib import Path
 
 import pytest
 
+from pipelines.ray_runtime import use_local_token
+
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-# Ray 2.60's token authentication stays on; clients (job API, drivers) present ~/.ray/auth_token.
-# Set before Ray is imported: Ray reads the mode once per process.
+# Ray 2.60's token authentication stays on. Every Ray of the session (in-process, `ray start` heads, the
+# jobs and subprocesses they run) shares one token made here, never ~/.ray/auth_token: a fresh HOME works.
+# Set before Ray first reads its mode (at import) and token.
 os.environ["RAY_AUTH_MODE"] = "token"
+RAY_STATE = Path(tempfile.mkdtemp(prefix="ddpm-tests-ray-"))
+use_local_token(RAY_STATE)
+
+
+def pytest_unconfigure(config):
+    shutil.rmtree(RAY_STATE, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")
@@ -57,7 +69,7 @@ def ray_head(tmp_path_factory, s3_endpoint):
     """`ray start --head` on 127.0.0.1 (token authentication on, as Ray 2.60 defaults); yields the job API URL."""
     from pipelines.ray_runtime import LocalHead
 
-    head = LocalHead(num_cpus=2, log_path=tmp_path_factory.mktemp("ray-head") / "ray-head.log")
+    head = LocalHead(num_cpus=2, state_dir=tmp_path_factory.mktemp("ray-head"))
     yield head.job_api
     head.stop()
 

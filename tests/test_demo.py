@@ -2,7 +2,6 @@
 
 import io
 import json
-import os
 import subprocess
 import sys
 
@@ -13,6 +12,7 @@ from PIL import Image
 
 from pipelines.demo import FAST, MODEL
 from pipelines.demo_data import STORED_SIDE, crops
+from tests.test_ray_auth import fresh_env
 
 
 def test_the_built_in_dataset_is_deterministic_crops_of_bundled_photos():
@@ -26,12 +26,12 @@ def test_the_built_in_dataset_is_deterministic_crops_of_bundled_photos():
 
 @pytest.mark.slow
 def test_demo_fast_mode_produces_grid_registered_version_and_scores(tmp_path):
-    env = {**os.environ, "DEMO_FAST": "1"}
-    env.pop("RAY_ADDRESS", None)
-    done = subprocess.run([sys.executable, "-m", "pipelines.demo", "--dir", str(tmp_path)], env=env,
-                          capture_output=True, text=True, timeout=900)
+    home = tmp_path / "home"  # a new user's: empty, and no Ray token configured
+    done = subprocess.run([sys.executable, "-m", "pipelines.demo", "--dir", str(tmp_path)],
+                          env={**fresh_env(home), "DEMO_FAST": "1"}, capture_output=True, text=True, timeout=900)
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert all(f"[{i}/7]" in done.stdout for i in range(1, 8))  # progress through every stage
+    assert (tmp_path / "ray" / "auth_token").stat().st_mode & 0o777 == 0o600 and not (home / ".ray").exists()
 
     summary = json.loads((tmp_path / "summary.json").read_text())
     grid = np.asarray(Image.open(summary["samples_grid"]))

@@ -198,7 +198,8 @@ def test_two_schedulers_started_at_once_submit_each_batch_once(world):
               for _ in range(2)]
     logs = [racer.communicate(timeout=600)[0] for racer in racers]
     job = submission_id("ddpm-tiny", version, scheduler(world).spec, 1)
-    # Both saw the one batch through to its end.
+    # Both saw the one batch through to its end, and both succeeded (racing tag writes are idempotent).
+    assert [racer.returncode for racer in racers] == [0, 0], logs
     assert all(f"v{version}: {job} succeeded" in log and "Traceback" not in log for log in logs), logs
     assert sum(f"v{version}: submitted {job}" in log for log in logs) == 1, logs
     assert eval_jobs(world, version) == [job]
