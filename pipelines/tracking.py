@@ -44,6 +44,11 @@ def connect(uri: str) -> MlflowClient:
     try:
         client.search_experiments(max_results=1)
     except Exception as error:  # noqa: BLE001 - any failure here means the store is unusable
+        if isinstance(error, mlflow.MlflowException) and error.get_http_status_code() in (401, 403):
+            # 401 alike for a missing, unknown or wrong credential (403: a user without access); the message
+            # names the variables to set, never their values.
+            raise TrackingError(f"MLflow at {redact(uri)} refused the credentials: set MLFLOW_TRACKING_USERNAME "
+                                "and MLFLOW_TRACKING_PASSWORD") from None
         first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise TrackingError(f"cannot reach the MLflow tracking store at {redact(uri)}: {first_line}") from None
     finally:

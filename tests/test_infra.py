@@ -15,6 +15,7 @@ import runpy
 import shlex
 import shutil
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -30,6 +31,8 @@ REPO = Path(__file__).resolve().parents[1]
 INFRA = REPO / "infra"
 K8S = INFRA / "k8s"
 IMAGE = "ghcr.io/ddpm-ray/ddpm-ray:0.1.0"
+# What MLflow's client logs in with (the server runs basic-auth: infra/k8s/mlflow.yaml).
+CREDENTIALS = ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD")
 
 
 # -- reading the files -----------------------------------------------------------------------------
@@ -80,8 +83,22 @@ def docker_env(config: dict) -> dict[str, str]:
     return dict(pair.split("=", 1) for pair in pairs)
 
 
+def named(kind: str, name: str) -> dict:
+    (doc,) = [doc for doc in of_kind(kind) if doc["metadata"]["name"] == name]
+    return doc
+
+
 def config_map() -> dict[str, str]:
-    return the("ConfigMap")["data"]
+    return named("ConfigMap", "ddpm-env")["data"]
+
+
+def secret_ref(env: dict) -> tuple[str, str]:
+    ref = env["valueFrom"]["secretKeyRef"]
+    return ref["name"], ref["key"]
+
+
+def volumes_by_name(doc: dict) -> dict[str, dict]:
+    return {v["name"]: v for d in dicts(doc) for v in d.get("volumes") or []}
 
 
 def command_lines() -> list[list[str]]:
@@ -159,6 +176,18 @@ def test_ray_cluster_dashboard_is_private_and_token_auth_reaches_every_node():
     assert env["MLFLOW_TRACKING_URI"].startswith("http") and env["AWS_DEFAULT_REGION"]
 
 
+def test_ray_cluster_nodes_read_the_mlflow_credentials_from_a_mounted_file(monkeypatch):
+    from mlflow.utils.credentials import _get_credentials_path
+
+    config = cluster_config()
+    # MLflow's client reads ~/.mlflow/credentials; the launcher mounts the operator's folder there, at the
+    # image's HOME. (tests/test_mlflow_auth.py logs in with the file as the header writes it.)
+    monkeypatch.setenv("HOME", image_home())
+    mounted = {remote.replace("~", image_home(), 1): local for remote, local in config["file_mounts"].items()}
+    assert mounted[str(Path(_get_credentials_path()).parent)] == "~/.ddpm-ray/mlflow-client"
+    assert not set(CREDENTIALS) & set(docker_env(config))
+
+
 # -- the image -------------------------------------------------------------------------------------
 
 def test_dockerfile_pins_torch_like_the_makefile_then_installs_the_project():
@@ -192,7 +221,7 @@ def test_manifests_parse_and_name_their_objects():
         assert doc.get("apiVersion") and doc.get("kind") and doc.get("metadata", {}).get("name"), path
     kinds = {(doc["apiVersion"], doc["kind"]) for _, doc in docs}
     assert {("ray.io/v1", "RayCluster"), ("ray.io/v1", "RayJob"), ("batch/v1", "CronJob"), ("apps/v1", "Deployment"),
-            ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "ServiceAccount")} <= kinds
+            ("v1", "Service"), ("v1", "ConfigMap"), ("v1", "ServiceAccount"), ("batch/v1", "Job")} <= kinds
 
 
 def test_one_image_everywhere():
@@ -252,6 +281,7 @@ def test_mlflow_server_and_its_clients_agree():
     command = server_container["command"]
     assert command[:2] == ["mlflow", "server"]
     params = server.make_context("server", command[2:]).params
+    assert params["app_name"] == "basic-auth"
     assert params["serve_artifacts"] is True and params["artifacts_destination"].startswith("s3://")
     assert params["backend_store_uri"] is None, "the store URI holds a password: it comes from the Secret"
     store = container_env(deployment)["MLFLOW_BACKEND_STORE_URI"]
@@ -263,6 +293,61 @@ def test_mlflow_server_and_its_clients_agree():
     allowed = params["allowed_hosts"].split(",")
     for netloc in (uri.netloc, urlparse(docker_env(cluster_config())["MLFLOW_TRACKING_URI"]).netloc):
         assert any(fnmatch.fnmatch(netloc, pattern) for pattern in allowed), (netloc, allowed)
+
+
+def test_mlflow_auth_config_comes_from_the_config_map_and_the_secret():
+    import configparser
+
+    deployment = the("Deployment")
+    pod = deployment["spec"]["template"]["spec"]
+    (server_container,) = pod["containers"]
+    (render,) = [c for c in pod["initContainers"] if c["name"] == "auth-config"]
+    env = container_env(deployment)
+    # The server reads the ini that the init container writes, in a memory volume that both mount.
+    template, uri_file, rendered = render["command"][3:]
+    assert env["MLFLOW_AUTH_CONFIG_PATH"]["value"] == rendered
+    mounts = {c["name"]: {m["mountPath"]: m["name"] for m in c["volumeMounts"]} for c in (render, server_container)}
+    volumes = volumes_by_name(deployment)
+    (shared,) = {mounts["auth-config"][str(Path(rendered).parent)], mounts["mlflow"][str(Path(rendered).parent)]}
+    assert volumes[shared]["emptyDir"]["medium"] == "Memory"
+    assert volumes[mounts["auth-config"][str(Path(template).parent)]]["configMap"] == {"name": "mlflow-auth"}
+    assert volumes[mounts["auth-config"][str(Path(uri_file).parent)]]["secret"]["items"] == [
+        {"key": "database-uri", "path": Path(uri_file).name}]
+    assert volumes[mounts["auth-config"][str(Path(uri_file).parent)]]["secret"]["secretName"] == "mlflow-auth"
+    # The ConfigMap holds the policy and nothing secret: the URI and the admin come from the Secret.
+    ini = configparser.ConfigParser()
+    ini.read_string(named("ConfigMap", "mlflow-auth")["data"][Path(template).name])
+    assert dict(ini["mlflow"]) == {"default_permission": "READ"}
+    assert {name: secret_ref(env[name]) for name in
+            ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY")} == {
+        "MLFLOW_AUTH_ADMIN_USERNAME": ("mlflow-auth", "admin-username"),
+        "MLFLOW_AUTH_ADMIN_PASSWORD": ("mlflow-auth", "admin-password"),
+        "MLFLOW_FLASK_SERVER_SECRET_KEY": ("mlflow-auth", "flask-secret-key")}
+
+
+def test_every_mlflow_client_logs_in_with_credentials_from_a_secret():
+    holders = {}
+    for _, doc in manifests():
+        for c in containers(doc):
+            env = {e["name"]: e for e in c.get("env") or []}
+            if set(CREDENTIALS) & set(env):
+                holders.setdefault((doc["kind"], c["name"]), []).append(tuple(secret_ref(env[n]) for n in CREDENTIALS))
+    service_user = (("mlflow-client", "username"), ("mlflow-client", "password"))
+    # Ray's head (where job drivers run: RayJobs, the scheduler's sampling jobs) and both worker groups, and the
+    # scheduler, are the service user; the RayJob's submitter only talks to Ray, the init containers to S3 and
+    # PostgreSQL.
+    assert holders.pop(("RayCluster", "ray-head")) == [service_user]
+    assert holders.pop(("RayCluster", "ray-worker")) == [service_user, service_user]
+    assert holders.pop(("CronJob", "scheduler")) == [service_user]
+    # The job that creates the service user logs in as the admin that the server creates, and reads the
+    # user's name and password from the Secret the clients read them from.
+    admin = container_env(the("Deployment"))
+    assert holders.pop(("Job", "service-user")) == [
+        tuple(secret_ref(admin[n]) for n in ("MLFLOW_AUTH_ADMIN_USERNAME", "MLFLOW_AUTH_ADMIN_PASSWORD"))]
+    assert holders == {}
+    (volume,) = volumes_by_name(the("Job")).values()
+    assert volume["secret"]["secretName"] == "mlflow-client"
+    assert not set(CREDENTIALS) & set(config_map())
 
 
 class Parsed(Exception):
@@ -341,7 +426,8 @@ def test_environment_variables_are_ones_the_code_reads(source_texts):
     names = set(config_map()) | set(docker_env(cluster_config()))
     names |= {name for _, doc in manifests() for name in container_env(doc)}
     assert {"MLFLOW_TRACKING_URI", "AWS_DEFAULT_REGION", "RAY_AUTH_MODE", "RAY_AUTH_TOKEN",
-            "DDPM_INCEPTION_WEIGHTS"} <= names
+            "DDPM_INCEPTION_WEIGHTS", *CREDENTIALS, "MLFLOW_AUTH_CONFIG_PATH", "MLFLOW_AUTH_ADMIN_USERNAME",
+            "MLFLOW_AUTH_ADMIN_PASSWORD", "MLFLOW_FLASK_SERVER_SECRET_KEY"} <= names
     for name in sorted(names):
         readers = [who for who, text in source_texts.items() if f'"{name}"' in text or f"'{name}'" in text]
         assert readers, f"{name} is set in infra but read by neither ddpm-ray nor ray, mlflow, botocore"
@@ -349,6 +435,28 @@ def test_environment_variables_are_ones_the_code_reads(source_texts):
 
 def infra_files() -> list[Path]:
     return [REPO / "ray_cluster.yaml", *(p for p in INFRA.rglob("*") if p.is_file())]
+
+
+SECRETISH_OPTION = re.compile(r"^--?[\w-]*(password|passwd|secret|token|credential)", re.I)
+# What a generated secret looks like: long hex (secrets.token_hex), or long mixed-case with digits (base64).
+SECRET_LITERAL = re.compile(r"\b[0-9a-fA-F]{32,}\b|"
+                            r"(?<![\w+/-])(?=[\w+/-]*\d)(?=[\w+/-]*[a-z])(?=[\w+/-]*[A-Z])[\w+/-]{20,}")
+
+
+def test_no_secret_on_a_command_line():
+    launcher = cluster_config()
+    lines = command_lines() + [shlex.split(line) for key in ("head_start_ray_commands", "worker_start_ray_commands")
+                               for line in launcher[key]]
+    lines += [shlex.split(option) for option in launcher["docker"]["run_options"]]
+    args = [arg for line in lines for arg in line]
+    # The local stack's scripts: every option-like word outside comments (heredocs and continuations make
+    # shell lines unsplittable one by one).
+    for script in sorted((INFRA / "local").glob("*.sh")):
+        code = [line for line in script.read_text().splitlines() if not line.lstrip().startswith("#")]
+        args += re.findall(r"(?<!\S)-{1,2}[\w-]+", "\n".join(code))
+    # The scan sees the manifests' server and the local stack's.
+    assert "--app-name=basic-auth" in args and "--app-name" in args
+    assert [arg for arg in args if SECRETISH_OPTION.match(arg)] == []
 
 
 def test_no_credentials_in_infra():
@@ -364,6 +472,10 @@ def test_no_credentials_in_infra():
         text = path.read_text()
         assert not re.search(r"\b(AKIA|ASIA)[0-9A-Z]{16}\b", text), f"an AWS access key id in {path}"
         assert "PRIVATE KEY-----" not in text, path
+        assert SECRET_LITERAL.findall(text) == [], path
+        # MLflow's credentials-file format in the documentation: placeholders only.
+        for value in re.findall(r"(?:mlflow_tracking_password|admin_password)\s*=\s*(.*)", text):
+            assert re.fullmatch(r"<[^>]+>", value.strip()), (path, value)
         assert not re.search(r"://[\w.%-]+:[^\s@/<>]+@", text), f"a password in a URI in {path}"
         for value in re.findall(r"AWS_SECRET_ACCESS_KEY\s*[=:]\s*(\S+)", text):
             # Only the local stack sets one: moto's dummy, which is not an AWS key.
@@ -409,7 +521,7 @@ import json, os, sys, time
 from ray.job_submission import JobStatus, JobSubmissionClient
 
 client = JobSubmissionClient(os.environ["RAY_ADDRESS"])
-job = client.submit_job(entrypoint='python -c "print(6*7)"')
+job = client.submit_job(entrypoint=sys.argv[1])
 deadline = time.monotonic() + 120
 while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobStatus.FAILED, JobStatus.STOPPED):
     if time.monotonic() > deadline:
@@ -417,6 +529,13 @@ while (status := client.get_job_status(job)) not in (JobStatus.SUCCEEDED, JobSta
     time.sleep(1)
 print(json.dumps({"status": str(status), "logs": client.get_job_logs(job)}))
 """
+
+def bare_env() -> dict[str, str]:
+    """This environment without the caller's Ray, AWS or MLflow settings; the venv's tools first on PATH."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
+    env["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    return env
+
 
 def run(command: list[str], env: dict, timeout: float, what: str) -> subprocess.CompletedProcess:
     try:
@@ -427,35 +546,66 @@ def run(command: list[str], env: dict, timeout: float, what: str) -> subprocess.
     return done
 
 
+def sourced(script: Path, env: dict) -> dict[str, str]:
+    """The variables that sourcing `script` in bash adds to or changes in `env`."""
+    done = subprocess.run(["bash", "-c", '. "$1" && env -0', "-", str(script)], env=env, capture_output=True,
+                          check=True, timeout=30)
+    after = dict(item.split("=", 1) for item in done.stdout.decode().split("\0") if item)
+    return {k: v for k, v in after.items() if env.get(k) != v and k not in ("_", "SHLVL", "PWD", "OLDPWD")}
+
+
+# A job that finds the experiment the test created, with the MLflow credentials of the head's environment.
+MLFLOW_JOB = ("""python -c "from mlflow import MlflowClient; """
+              """print('experiment', MlflowClient().get_experiment_by_name('local-stack-check').experiment_id)" """)
+
+
 @pytest.mark.slow
-def test_local_stack_up_use_down():
+def test_local_stack_up_use_down(monkeypatch):
     import boto3
     from mlflow.tracking import MlflowClient
+
+    from pipelines.tracking import TrackingError, connect
 
     # A short state path: Ray's unix sockets live below it (up.sh would otherwise move them to /tmp).
     state = Path(tempfile.mkdtemp(prefix="ddpm-ls-", dir="/tmp"))
     ray_port, dashboard_port, mlflow_port, s3_port = ports = free_ports(4)
-    # Nothing of the caller's Ray, AWS or MLflow settings leaks in; the venv's tools come first on PATH.
-    base = {k: v for k, v in os.environ.items() if not k.startswith(("RAY_", "AWS_", "MLFLOW_"))}
-    base["PATH"] = f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"
+    base = bare_env()
     stack = {**base, "DDPM_LOCAL_STACK_DIR": str(state), "DDPM_RAY_PORT": str(ray_port),
              "DDPM_RAY_DASHBOARD_PORT": str(dashboard_port), "DDPM_MLFLOW_PORT": str(mlflow_port),
              "DDPM_S3_PORT": str(s3_port), "DDPM_LOCAL_STACK_TIMEOUT": "150"}
     down = [str(INFRA / "local" / "down.sh")]
     try:
         up = run([str(INFRA / "local" / "up.sh")], stack, 400, "infra/local/up.sh")
-        exports = dict(re.findall(r"^export (\w+)=(\S+)$", up.stdout, flags=re.M))
-        assert exports == dict(re.findall(r"^export (\w+)=(\S+)$", (state / "env.sh").read_text(), flags=re.M))
+        assert re.findall(r"^export .+$", up.stdout, flags=re.M) == (state / "env.sh").read_text().splitlines()
+        exports = sourced(state / "env.sh", base)
         assert exports["RAY_ADDRESS"] == f"http://127.0.0.1:{dashboard_port}"
         assert exports["RAY_AUTH_MODE"] == "token"
         assert exports["MLFLOW_TRACKING_URI"] == f"http://127.0.0.1:{mlflow_port}"
+        # MLflow's admin: a password made here, readable by its owner only, never printed nor on a command line.
+        password_file = state / "mlflow" / "admin_password"
+        assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+        password = password_file.read_text().strip()
+        assert re.fullmatch(r"[0-9a-f]{64}", password)
+        assert exports["MLFLOW_TRACKING_USERNAME"] == "admin" and exports["MLFLOW_TRACKING_PASSWORD"] == password
+        assert password not in up.stdout + up.stderr + (state / "env.sh").read_text()
+        assert commands_mentioning(password) == []
         assert exports["AWS_ENDPOINT_URL"] == f"http://127.0.0.1:{s3_port}"
         pids = {path.stem: int(path.read_text()) for path in (state / "pids").glob("*.pid")}
         assert set(pids) == {"ray", "mlflow", "s3"}
 
+        for name in CREDENTIALS:
+            monkeypatch.setenv(name, exports[name])
         client = MlflowClient(exports["MLFLOW_TRACKING_URI"])
         experiment = client.create_experiment("local-stack-check")
         assert client.get_experiment_by_name("local-stack-check").experiment_id == experiment
+        # Basic-auth is on: no credentials, or a wrong password, and MLflow refuses.
+        with pytest.raises(urllib.error.HTTPError) as refused:
+            urllib.request.urlopen(f"{exports['MLFLOW_TRACKING_URI']}/api/2.0/mlflow/experiments/search?max_results=1",
+                                   timeout=30)
+        assert refused.value.code == 401
+        monkeypatch.setenv("MLFLOW_TRACKING_PASSWORD", "not-" + password)
+        with pytest.raises(TrackingError, match="refused the credentials"):
+            connect(exports["MLFLOW_TRACKING_URI"])
 
         s3 = boto3.client("s3", endpoint_url=exports["AWS_ENDPOINT_URL"], region_name=exports["AWS_DEFAULT_REGION"],
                           aws_access_key_id=exports["AWS_ACCESS_KEY_ID"],
@@ -465,9 +615,11 @@ def test_local_stack_up_use_down():
         assert s3.get_object(Bucket="local-stack-check", Key="a/b.bin")["Body"].read() == bytes(range(256)) * 64
 
         # In a fresh process, as a user who sourced env.sh would (Ray caches the token it loaded once).
-        job = run([sys.executable, "-c", RAY_JOB], {**base, **exports}, 240, "a Ray job on the local stack")
+        # The submitter has no MLflow credentials: the job has those of the stack's Ray.
+        submitter = {k: v for k, v in {**base, **exports}.items() if k not in CREDENTIALS}
+        job = run([sys.executable, "-c", RAY_JOB, MLFLOW_JOB], submitter, 240, "a Ray job on the local stack")
         result = json.loads(job.stdout.strip().splitlines()[-1])
-        assert result["status"] == "SUCCEEDED" and "42" in result["logs"].split(), result
+        assert result["status"] == "SUCCEEDED" and f"experiment {experiment}" in result["logs"], result
         # Token authentication is on: the job API refuses a request without the token.
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{exports['RAY_ADDRESS']}/api/version", timeout=30)
@@ -483,3 +635,20 @@ def test_local_stack_up_use_down():
     finally:
         subprocess.run(down, env=stack, capture_output=True, timeout=180)
     shutil.rmtree(state)
+
+
+def test_local_stack_refuses_a_user_store_whose_admin_password_is_gone(tmp_path):
+    # The admin keeps the password it was created with: a new one would lock the exports out.
+    (tmp_path / "mlflow").mkdir()
+    (tmp_path / "mlflow" / "basic_auth.db").write_bytes(b"")
+    ports = dict(zip(("DDPM_RAY_PORT", "DDPM_RAY_DASHBOARD_PORT", "DDPM_MLFLOW_PORT", "DDPM_S3_PORT"),
+                     map(str, free_ports(4))))
+    done = subprocess.run([str(INFRA / "local" / "up.sh")],
+                          env={**bare_env(), **ports, "DDPM_LOCAL_STACK_DIR": str(tmp_path)},
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 1
+    assert done.stderr.strip() == (
+        f"up.sh: {tmp_path}/mlflow/basic_auth.db has an MLflow admin whose password file "
+        f"({tmp_path}/mlflow/admin_password) is gone; remove basic_auth.db to start with a new admin (runs and "
+        "models stay)")
+    assert not (tmp_path / "mlflow" / "admin_password").exists() and list((tmp_path / "pids").iterdir()) == []

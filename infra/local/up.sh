@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # A local ddpm-ray stack on loopback, shaped like the cluster: a Ray head (job API and dashboard, token
-# authentication on), an MLflow server (SQLite store, local artifacts, served by the server) and an S3
-# endpoint (moto's standalone server). The job API, the dashboard, MLflow and S3 listen on 127.0.0.1 only.
+# authentication on), an MLflow server (SQLite store, local artifacts, served by the server; MLflow's
+# basic-auth app on, the exports log in as its admin) and an S3 endpoint (moto's standalone server). The job
+# API, the dashboard, MLflow and S3 listen on 127.0.0.1 only.
 # (Ray's internal gRPC servers - GCS, raylet, agents - bind all interfaces whatever --node-ip-address says;
 # with token authentication on, they too refuse requests without the token.)
 #
@@ -12,7 +13,8 @@
 #   infra/local/down.sh            # stops what up.sh started, and nothing else
 #
 # Settings, from the environment:
-#   DDPM_LOCAL_STACK_DIR     state: pids, logs, token, MLflow store, env.sh (default <repo>/.local-stack)
+#   DDPM_LOCAL_STACK_DIR     state: pids, logs, token, MLflow store and admin password, env.sh
+#                            (default <repo>/.local-stack)
 #   DDPM_RAY_PORT            Ray GCS (default 6379)       DDPM_RAY_DASHBOARD_PORT  job API (default 8265)
 #   DDPM_MLFLOW_PORT         MLflow (default 5000)        DDPM_S3_PORT             S3 endpoint (default 9000)
 #   DDPM_RAY_NUM_CPUS        Ray's logical CPUs (default: the cores, at least 4, so that DDP workers and
@@ -95,6 +97,23 @@ NUM_CPUS=${DDPM_RAY_NUM_CPUS:-$("$PYTHON" -c 'import os; print(max(4, os.cpu_cou
 if [[ ! -s $STATE/auth_token ]]; then
   (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$STATE/auth_token")
 fi
+# MLflow's admin is created with this password on the first start against an empty user store, and keeps it
+# (MLflow ignores the setting once the admin exists): a user store without its password file is unusable.
+MLFLOW_PASSWORD_FILE=$STATE/mlflow/admin_password
+if [[ ! -s $MLFLOW_PASSWORD_FILE ]]; then
+  if [[ -e $STATE/mlflow/basic_auth.db ]]; then
+    echo "up.sh: $STATE/mlflow/basic_auth.db has an MLflow admin whose password file ($MLFLOW_PASSWORD_FILE) is" \
+      "gone; remove basic_auth.db to start with a new admin (runs and models stay)" >&2
+    exit 1
+  fi
+  (umask 077 && "$PYTHON" -c 'import secrets; print(secrets.token_hex(32))' >"$MLFLOW_PASSWORD_FILE")
+fi
+cat >"$STATE/mlflow/basic_auth.ini" <<EOF
+[mlflow]
+default_permission = READ
+database_uri = sqlite:///$STATE/mlflow/basic_auth.db
+admin_username = admin
+EOF
 
 # Ray's unix sockets live under its temp dir (<temp>/session_<date>_<pid>/sockets/dash_MetricsHead: 68 bytes
 # more), and a socket path may not exceed 103 bytes (macOS; 107 on Linux): a state dir with a long path
@@ -114,6 +133,8 @@ export RAY_ADDRESS=$RAY_ADDRESS
 export RAY_AUTH_MODE=token
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI
+export MLFLOW_TRACKING_USERNAME=admin
+export MLFLOW_TRACKING_PASSWORD="\$(cat $MLFLOW_PASSWORD_FILE)"
 export AWS_ENDPOINT_URL=$AWS_ENDPOINT_URL
 export AWS_ACCESS_KEY_ID=$MOTO_CREDENTIAL
 export AWS_SECRET_ACCESS_KEY=$MOTO_CREDENTIAL
@@ -161,10 +182,17 @@ ray_job_runs() {
 
 # All three start at once; Ray only needs their addresses, not their answers.
 start s3 moto_server -H 127.0.0.1 -p "$S3_PORT"
-# (MLflow's job runner, for GenAI evaluation jobs, is of no use here: seven processes fewer.)
-start mlflow env MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false \
-  mlflow server --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
-  --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" --artifacts-destination "$STATE/mlflow/artifacts"
+# The secrets reach MLflow through its environment, never its command line. (MLflow's job runner, for GenAI
+# evaluation jobs, is of no use here: seven processes fewer.)
+(
+  export MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false MLFLOW_AUTH_CONFIG_PATH=$STATE/mlflow/basic_auth.ini
+  MLFLOW_AUTH_ADMIN_PASSWORD=$(<"$MLFLOW_PASSWORD_FILE")
+  # Signs the UI's CSRF tokens; one worker, so a new one at each start does.
+  MLFLOW_FLASK_SERVER_SECRET_KEY=$("$PYTHON" -c 'import secrets; print(secrets.token_hex(32))')
+  export MLFLOW_AUTH_ADMIN_PASSWORD MLFLOW_FLASK_SERVER_SECRET_KEY
+  start mlflow mlflow server --app-name basic-auth --host 127.0.0.1 --port "$MLFLOW_PORT" --workers 1 \
+    --backend-store-uri "sqlite:///$STATE/mlflow/mlflow.db" --artifacts-destination "$STATE/mlflow/artifacts"
+)
 # Ray runs with the stack's environment, as cluster nodes run with theirs: jobs, tasks and actors see the
 # S3 endpoint, MLflow and the token, and `python` in an entrypoint is the first one on this PATH.
 # --block keeps `ray start` running as the head's parent: terminating it stops the head.
