@@ -12,6 +12,7 @@ from mlflow.tracking import MlflowClient
 
 log = logging.getLogger(__name__)
 RUN_NAME_TAG = "ddpm.run_name"
+REPLACED_BY_TAG = "ddpm.replaced_by"
 
 
 class TrackingError(RuntimeError):
@@ -71,14 +72,28 @@ def experiment_id(client: MlflowClient, name: str, uri: str) -> str:
     return client.create_experiment(name, artifact_location=location)
 
 
-def find_or_create_run(client: MlflowClient, experiment: str, run_name: str, params: dict) -> tuple[str, bool]:
-    """(run id, resumed): the run tagged with `run_name` in `experiment`, or a new one with `params`."""
+def param_value(value) -> str:
+    """`value` as an MLflow param stores it (a string of at most 6000 characters)."""
+    return str(value)[:6000]
+
+
+def find_or_create_run(client: MlflowClient, experiment: str, run_name: str, params: dict, tags: dict,
+                       force_new: bool = False) -> tuple[mlflow.entities.Run, bool]:
+    """(run, resumed): the run tagged with `run_name` in `experiment`, or a new one with `params` and `tags`.
+
+    `force_new` creates a new run even when one exists; the old run keeps its history but loses the name
+    tag (it gets `ddpm.replaced_by`), so it is never resumed again.
+    """
     runs = client.search_runs([experiment], filter_string=f"tags.`{RUN_NAME_TAG}` = '{run_name}'",
                               max_results=1, order_by=["attributes.start_time DESC"])
-    if runs:
-        return runs[0].info.run_id, True
-    run = client.create_run(experiment, run_name=run_name, tags={RUN_NAME_TAG: run_name})
-    items = [mlflow.entities.Param(k, str(v)[:6000]) for k, v in params.items()]
+    if runs and not force_new:
+        return runs[0], True
+    run = client.create_run(experiment, run_name=run_name, tags={**tags, RUN_NAME_TAG: run_name})
+    items = [mlflow.entities.Param(k, param_value(v)) for k, v in params.items()]
     for start in range(0, len(items), 100):
         client.log_batch(run.info.run_id, params=items[start:start + 100])
-    return run.info.run_id, False
+    # Untagged only once the new run exists: a crash in between leaves two tagged runs, and the newer is picked.
+    for old in runs:
+        client.set_tag(old.info.run_id, REPLACED_BY_TAG, run.info.run_id)
+        client.delete_tag(old.info.run_id, RUN_NAME_TAG)
+    return run, False

@@ -4,8 +4,9 @@
     ray job submit --working-dir . -- python pipelines/train_lsun.py --data s3://bucket/lsun-bedroom-256 \\
         --preset lsun_bedroom256 --workers 8 --gpu --storage s3://bucket/runs --name bedroom-v1
 
-The same `--name` resumes: from the latest checkpoint, in the same MLflow run. At the end the EMA
-model becomes a new version of `ddpm-<preset>` in the MLflow registry, alias `candidate`.
+The same `--name` resumes: from the latest checkpoint, in the same MLflow run, if the dataset and the
+config are the same but for RESUMABLE; `--force-new` starts a new run. At the end the EMA model becomes a
+new version of `ddpm-<preset>` in the MLflow registry, alias `candidate`.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import shutil
 import sys
 import tempfile
 import time
+from collections import deque
 from pathlib import Path
 
 import numpy as np
@@ -40,31 +42,137 @@ from ddpm_core.unet import UNet
 log = logging.getLogger("ddpm.train")
 GRID_IMAGES, GRID_DDIM_STEPS = 16, 25
 TEST_HOOKS = ("DDPM_TEST_FAIL_AT_STEP", "DDPM_TEST_FAIL_RANK", "DDPM_TEST_FAIL_ONCE", "DDPM_TEST_TRACE_DIR")
+MLFLOW_BATCH_METRICS = 1000  # the most metrics MLflow takes in one log_batch
+# Workers try an MLflow request once, for at most 10 s (MLflow's defaults: 7 retries over minutes, 120 s each):
+# RankZeroTracker keeps what fails, so a retry inside the request only stalls training. The driver keeps the
+# defaults: its few calls (create the run, register the model) are worth waiting for.
+WORKER_MLFLOW_ENV = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "0", "MLFLOW_HTTP_REQUEST_TIMEOUT": "10"}
+# The params a resumed run may change: how long it trains, the worker layout, where the data lives (not its
+# fingerprint) and the cadence of logs, samples and checkpoints. Any other change would continue the
+# checkpoint as a different model, recipe or dataset than the run records.
+RESUMABLE = ("train.steps", "workers", "gpu", "compile", "train.micro_batch", "data", "train.log_every",
+             "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps")
+CHECKPOINT_DIR_TAG = "ddpm.checkpoint_dir"  # the run's folder under --storage, where Ray Train resumes from
 
 
 # -- on every worker -------------------------------------------------------------------------------
 
 class RankZeroTracker:
-    """Metrics and sample grids of rank 0 to the run the driver created."""
+    """Metrics and sample grids of rank 0 to the run the driver created; an MLflow outage never stops training.
 
-    def __init__(self, tracking_uri: str, run_id: str):
+    What MLflow does not take is kept in memory (at most `max_values` metric values and `max_grids` grids,
+    the oldest dropped first and counted in the metric `mlflow_points_dropped`) and re-sent in order, with
+    its original step and timestamp, before anything newer. A value sent twice (a reply lost after the
+    server stored it) is stored once: MLflow's SQL store drops exact (key, step, timestamp, value) repeats.
+
+    Sent from the training loop, not from a background thread: the worker gets one try per request and a
+    short timeout (WORKER_MLFLOW_ENV), so a dead server costs a refused connection and a hung one at most
+    one timeout per log call, while order, the final flush and the tests stay simple.
+    """
+
+    def __init__(self, tracking_uri: str, run_id: str, max_values: int = 100_000, max_grids: int = 8):
         from mlflow.tracking import MlflowClient
 
         self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.max_values, self.max_grids = max_values, max_grids
+        self.dropped = 0  # points (metric values and grids) lost to a full buffer
+        self._values: deque[list] = deque()  # one list of mlflow Metric per call, oldest first
+        self._value_count = 0
+        self._grids: deque[tuple[np.ndarray, int, int]] = deque()  # (grid, step, timestamp in ms)
+        self._outage_since: float | None = None  # time.monotonic() of the first failure
+        self._warned_full = False
+
+    @property
+    def pending(self) -> int:
+        """Points (metric values and grids) MLflow has not taken yet."""
+        return self._value_count + len(self._grids)
 
     def metrics(self, values: dict[str, float], step: int) -> None:
         from mlflow.entities import Metric
 
+        if self.dropped:
+            values = {**values, "mlflow_points_dropped": self.dropped}
         now = int(time.time() * 1000)
-        self.client.log_batch(self.run_id, metrics=[Metric(k, float(v), now, step) for k, v in values.items()])
+        self._values.append([Metric(k, float(v), now, step) for k, v in values.items()])
+        self._value_count += len(values)
+        self._send()
 
-    def sample_grid(self, model: torch.nn.Module, diffusion: GaussianDiffusion, config: Config, step: int,
-                    device: torch.device) -> None:
-        r = config.model.resolution
-        images = diffusion.ddim_sample_loop(model, (GRID_IMAGES, config.model.in_channels, r, r),
-                                            steps=min(GRID_DDIM_STEPS, diffusion.num_timesteps),
-                                            generators=image_generators(0, range(GRID_IMAGES), device), device=device)
-        self.client.log_image(self.run_id, image_grid(to_uint8(images), columns=4), key="ema_samples", step=step)
+    def image(self, grid: np.ndarray, step: int) -> None:
+        self._grids.append((grid, step, int(time.time() * 1000)))
+        self._send()
+
+    def close(self) -> int:
+        """Send what is pending (the end of training); returns how many points could not be, with one warning."""
+        error = self._flush()
+        if error:
+            log.warning("MLflow is still unreachable at the end of training (%s): %d metric values and %d sample "
+                        "grids were not logged", error, self._value_count, len(self._grids))
+        return self.pending
+
+    def _send(self) -> None:
+        pending = self.pending
+        error = self._flush()
+        if error:
+            if self._outage_since is None:
+                self._outage_since = time.monotonic()
+                log.warning("MLflow did not take the metrics (%s); training goes on, keeping them in memory until "
+                            "it answers again", error)
+            self._trim()
+        elif self._outage_since is not None:
+            log.info("MLflow answers again after %.0f s: sent the %d points logged meanwhile",
+                     time.monotonic() - self._outage_since, pending)
+            self._outage_since, self._warned_full = None, False
+
+    def _trim(self) -> None:
+        """Drop the oldest points beyond the bounds, with one warning per outage."""
+        dropped = self.dropped
+        while self._value_count > self.max_values:
+            call = self._values.popleft()
+            self._value_count -= len(call)
+            self.dropped += len(call)
+        while len(self._grids) > self.max_grids:
+            self._grids.popleft()
+            self.dropped += 1
+        if self.dropped > dropped and not self._warned_full:
+            log.warning("the buffer for MLflow is full (%d metric values, %d grids): dropping the oldest points, "
+                        "counted in the metric mlflow_points_dropped", self.max_values, self.max_grids)
+            self._warned_full = True
+
+    def _flush(self) -> str | None:
+        """Send the pending points oldest first; at the first failure stop and return its first line."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            while self._values:
+                count, batch = 0, []  # whole calls, merged into as few requests as MLflow allows
+                for call in self._values:
+                    if batch and len(batch) + len(call) > MLFLOW_BATCH_METRICS:
+                        break
+                    count, batch = count + 1, batch + call
+                self.client.log_batch(self.run_id, metrics=batch)
+                for _ in range(count):
+                    self._values.popleft()
+                self._value_count -= len(batch)
+            while self._grids:
+                grid, step, timestamp = self._grids[0]
+                self.client.log_image(self.run_id, grid, key="ema_samples", step=step, timestamp=timestamp)
+                self._grids.popleft()
+        except Exception as error:  # noqa: BLE001 - an outage surfaces as any transport or server error
+            if isinstance(error, MlflowException) and error.get_http_status_code() == 400:
+                raise  # the server read the request and refused it: a bug, not an outage
+            text = str(error).strip()
+            return text.splitlines()[0] if text else type(error).__name__
+        return None
+
+
+def sample_grid(model: torch.nn.Module, diffusion: GaussianDiffusion, config: Config,
+                device: torch.device) -> np.ndarray:
+    """DDIM samples of `model` from fixed seeds, as one uint8 grid: the same images at every step."""
+    r = config.model.resolution
+    images = diffusion.ddim_sample_loop(model, (GRID_IMAGES, config.model.in_channels, r, r),
+                                        steps=min(GRID_DDIM_STEPS, diffusion.num_timesteps),
+                                        generators=image_generators(0, range(GRID_IMAGES), device), device=device)
+    return image_grid(to_uint8(images), columns=4)
 
 
 def _test_hooks(step: int, rank: int, keys: list[str], model: torch.nn.Module) -> None:
@@ -121,61 +229,64 @@ def train_loop_per_worker(loop: dict) -> dict:
     loader = TrainLoader(loop["data"], train.batch_size // world, rank, world, loop["loader_workers"], train.seed,
                          train.random_flip, resolution=config.model.resolution)
     tracker = RankZeroTracker(loop["tracking_uri"], loop["run_id"]) if rank == 0 else None
-
-    step, epoch, skip = state.step, state.epoch, state.batch_in_epoch
-    config_dict = config.to_dict()
-    test_hooks = any(os.environ.get(name) for name in TEST_HOOKS)
-    consecutive_nonfinite, window, window_start, window_first_step = 0, [], time.monotonic(), step
-    autocast = torch.bfloat16 if cuda and loop["bf16"] else None
-    while step < train.steps:
-        loader.set_epoch(epoch)
-        for index, (images, keys) in enumerate(loader):
-            if index < skip:  # the batches this epoch had consumed before the checkpoint
-                continue
-            if test_hooks:
-                _test_hooks(step, rank, keys, model)
-            # Every rank and step has its own seed: t, ε and dropout are reproducible across resumes.
-            torch.manual_seed(image_seed(train.seed, step * world + rank))
-            x0 = images.to(device, non_blocking=True)
-            if cuda:
-                x0 = x0.contiguous(memory_format=torch.channels_last)
-            result = train_step(ddp, diffusion, optimizer, ema, x0, step, train, autocast_dtype=autocast)
-            step += 1
-            state = TrainingState(step, config_dict, epoch, index + 1, train.seed,
-                                  state.nonfinite_steps + (not result.applied))
-            if result.applied:
-                consecutive_nonfinite = 0
-                window.append(result)
-            else:
-                consecutive_nonfinite += 1
-                log.warning("rank %d step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped",
-                            rank, step, result.loss, result.grad_norm)
-                if consecutive_nonfinite >= train.max_nonfinite_steps:
-                    return {"stopped": f"stopped at step {step}: {consecutive_nonfinite} consecutive steps had a "
-                                       f"non-finite loss or gradient (last loss {result.loss}); lower train.lr or "
-                                       "check the data", "step": step}
-            if tracker and window and step % train.log_every == 0:
-                elapsed = time.monotonic() - window_start
-                values = {"loss": np.mean([r.loss for r in window]),
-                          "grad_norm": np.mean([r.grad_norm for r in window]), "lr": result.lr,
-                          "images_per_s": (step - window_first_step) * train.batch_size / elapsed,
-                          "nonfinite_steps": state.nonfinite_steps, "epoch": epoch}
+    try:
+        step, epoch, skip = state.step, state.epoch, state.batch_in_epoch
+        config_dict = config.to_dict()
+        test_hooks = any(os.environ.get(name) for name in TEST_HOOKS)
+        consecutive_nonfinite, window, window_start, window_first_step = 0, [], time.monotonic(), step
+        autocast = torch.bfloat16 if cuda and loop["bf16"] else None
+        while step < train.steps:
+            loader.set_epoch(epoch)
+            for index, (images, keys) in enumerate(loader):
+                if index < skip:  # the batches this epoch had consumed before the checkpoint
+                    continue
+                if test_hooks:
+                    _test_hooks(step, rank, keys, model)
+                # Every rank and step has its own seed: t, ε and dropout are reproducible across resumes.
+                torch.manual_seed(image_seed(train.seed, step * world + rank))
+                x0 = images.to(device, non_blocking=True)
                 if cuda:
-                    values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
-                tracker.metrics(values, step)
-                log.info("step %d/%d: loss %.4f, %.1f images/s, about %.0f min left", step, train.steps,
-                         values["loss"], values["images_per_s"],
-                         (train.steps - step) * train.batch_size / values["images_per_s"] / 60)
-                window, window_start, window_first_step = [], time.monotonic(), step
-            if tracker and step % train.sample_every == 0:
-                tracker.sample_grid(ema.model, diffusion, config, step, device)
-            if step % train.checkpoint_every == 0 or step == train.steps:
-                _report_checkpoint(rank, model, ema, optimizer, state, result)
-            if step >= train.steps:
-                break
-        else:
-            epoch, skip = epoch + 1, 0
-    return {"step": step, "nonfinite_steps": state.nonfinite_steps}
+                    x0 = x0.contiguous(memory_format=torch.channels_last)
+                result = train_step(ddp, diffusion, optimizer, ema, x0, step, train, autocast_dtype=autocast)
+                step += 1
+                state = TrainingState(step, config_dict, epoch, index + 1, train.seed,
+                                      state.nonfinite_steps + (not result.applied))
+                if result.applied:
+                    consecutive_nonfinite = 0
+                    window.append(result)
+                else:
+                    consecutive_nonfinite += 1
+                    log.warning("rank %d step %d: non-finite loss or gradient (loss %s, grad norm %s); step skipped",
+                                rank, step, result.loss, result.grad_norm)
+                    if consecutive_nonfinite >= train.max_nonfinite_steps:
+                        return {"stopped": f"stopped at step {step}: {consecutive_nonfinite} consecutive steps had a "
+                                           f"non-finite loss or gradient (last loss {result.loss}); lower train.lr or "
+                                           "check the data", "step": step}
+                if tracker and window and step % train.log_every == 0:
+                    elapsed = time.monotonic() - window_start
+                    values = {"loss": np.mean([r.loss for r in window]),
+                              "grad_norm": np.mean([r.grad_norm for r in window]), "lr": result.lr,
+                              "images_per_s": (step - window_first_step) * train.batch_size / elapsed,
+                              "nonfinite_steps": state.nonfinite_steps, "epoch": epoch}
+                    if cuda:
+                        values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
+                    tracker.metrics(values, step)
+                    log.info("step %d/%d: loss %.4f, %.1f images/s, about %.0f min left", step, train.steps,
+                             values["loss"], values["images_per_s"],
+                             (train.steps - step) * train.batch_size / values["images_per_s"] / 60)
+                    window, window_start, window_first_step = [], time.monotonic(), step
+                if tracker and step % train.sample_every == 0:
+                    tracker.image(sample_grid(ema.model, diffusion, config, device), step)
+                if step % train.checkpoint_every == 0 or step == train.steps:
+                    _report_checkpoint(rank, model, ema, optimizer, state, result)
+                if step >= train.steps:
+                    break
+            else:
+                epoch, skip = epoch + 1, 0
+        return {"step": step, "nonfinite_steps": state.nonfinite_steps}
+    finally:
+        if tracker:
+            tracker.close()  # what an MLflow outage held back, also when this worker fails
 
 
 def _report_checkpoint(rank: int, model, ema, optimizer, state: TrainingState, result) -> None:
@@ -208,7 +319,12 @@ def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = 
     parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
     parser.add_argument("--loader-workers", type=int, default=2, help="data loader processes per worker")
     parser.add_argument("--storage", default="runs", help="checkpoint storage: local path or s3:// (default ./runs)")
-    parser.add_argument("--name", default=None, help="run name; the same name resumes (default <preset>-<data>)")
+    parser.add_argument("--name", default=None, help="run name; the same name resumes, with the same dataset and "
+                                                     "config (see --force-new) (default <preset>-<data>)")
+    parser.add_argument("--force-new", action="store_true",
+                        help="start --name over: a new MLflow run and checkpoint folder (the old run stays, no longer "
+                             "resumed). Without it a run resumes only with the same dataset fingerprint and config; "
+                             f"these may differ: {', '.join(k if '.' in k else '--' + k for k in RESUMABLE)}")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI, "
                                                              "else sqlite:///./mlflow.db)")
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset's name)")
@@ -247,7 +363,7 @@ def _run(args: argparse.Namespace) -> int:
 
     from pipelines.ray_runtime import init_ray
     from pipelines.registry import code_version, register
-    from pipelines.tracking import connect, experiment_id, find_or_create_run, redact, resolve_tracking_uri
+    from pipelines.tracking import connect, experiment_id, find_or_create_run, param_value, redact, resolve_tracking_uri
 
     config = get_preset(args.preset).with_overrides(args.set)
     if args.workers < 1:
@@ -278,13 +394,19 @@ def _run(args: argparse.Namespace) -> int:
     experiment = experiment_id(client, args.experiment or dataset_name, tracking_uri)
     params = {**config.flat(), "data": args.data, "workers": args.workers, "gpu": args.gpu, "compile": args.compile,
               "dataset_fingerprint": info["fingerprint"]}
-    run_id, resumed = find_or_create_run(client, experiment, name, params)
+    # --force-new gets a folder of its own: Ray Train resumes from whatever checkpoints the folder holds.
+    folder = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.force_new else name
+    run, resumed = find_or_create_run(client, experiment, name, params, {CHECKPOINT_DIR_TAG: folder},
+                                      args.force_new)
+    run_id = run.info.run_id
     if resumed:
+        check_resumable(name, run.data.params, {k: param_value(v) for k, v in params.items()})
+        folder = run.data.tags.get(CHECKPOINT_DIR_TAG, name)  # a run from before the tag: <name>
         client.update_run(run_id, status="RUNNING")
-    client.set_tag(run_id, "checkpoint_location", f"{storage_uri.rstrip('/')}/{name}")
+    client.set_tag(run_id, "checkpoint_location", f"{storage_uri.rstrip('/')}/{folder}")
     log.info("%s MLflow run %s (%s) of experiment %s; checkpoints in %s/%s",
              "resuming" if resumed else "created", run_id, redact(tracking_uri), args.experiment or dataset_name,
-             storage_uri, name)
+             storage_uri, folder)
 
     threads = max(1, int(args.cpus_per_worker))
     loop_config = {"config": config.to_dict(), "data": args.data, "tracking_uri": tracking_uri, "run_id": run_id,
@@ -300,10 +422,10 @@ def _run(args: argparse.Namespace) -> int:
         torch_config=TorchConfig(backend="nccl" if args.gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=args.workers, use_gpu=args.gpu, resources_per_worker=resources),
         run_config=RunConfig(
-            name=name, storage_path=storage_path, storage_filesystem=filesystem,
+            name=folder, storage_path=storage_path, storage_filesystem=filesystem,
             checkpoint_config=CheckpointConfig(num_to_keep=config.train.keep_checkpoints),
             failure_config=FailureConfig(max_failures=args.max_failures),
-            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **hooks}},
+            worker_runtime_env={"env_vars": {"OMP_NUM_THREADS": str(threads), **WORKER_MLFLOW_ENV, **hooks}},
         ),
     )
     try:
@@ -311,8 +433,9 @@ def _run(args: argparse.Namespace) -> int:
     except TrainingFailedError as error:
         client.set_terminated(run_id, "FAILED")
         cause = [line.strip() for line in str(error).splitlines() if line.strip()]
-        raise RuntimeError(f"training failed ({cause[-1] if cause else type(error).__name__}); re-run the same "
-                           f"command (--name {name}) to resume from the last checkpoint") from None
+        again = "the same command" + (" without --force-new" if args.force_new else "")
+        raise RuntimeError(f"training failed ({cause[-1] if cause else type(error).__name__}); re-run {again} "
+                           f"(--name {name}) to resume from the last checkpoint") from None
     outcome = result.return_value or {}
     if "stopped" in outcome:
         client.set_terminated(run_id, "FAILED")
@@ -329,6 +452,20 @@ def _run(args: argparse.Namespace) -> int:
              "(alias candidate); MLflow run %s", state["step"], state["nonfinite_steps"], result.checkpoint.path,
              config.preset, version, run_id)
     return 0
+
+
+def check_resumable(name: str, started: dict[str, str], now: dict[str, str]) -> None:
+    """Refuse to resume run `name` if the params it was started with differ from `now` outside RESUMABLE."""
+    differ = sorted(k for k in started.keys() | now.keys() if k not in RESUMABLE and started.get(k) != now.get(k))
+    if differ:
+        def settings(params: dict[str, str]) -> str:
+            return " and ".join(f"{k}={params.get(k, '(unset)')}" for k in differ)
+
+        raise ConfigError(f"run {name!r} was started with {settings(started)}; this command has {settings(now)}; "
+                          "use the same settings to resume, or --force-new to start over")
+    changed = [f"{k}={now[k]} (was {started[k]})" for k in RESUMABLE if k in started and started[k] != now.get(k)]
+    if changed:
+        log.info("resuming run %r with %s", name, ", ".join(changed))
 
 
 def main(argv: list[str] | None = None, default_preset: str | None = None,

@@ -16,8 +16,11 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ddpm_core.checkpoint import load_ema_unet, read_state
+from pipelines.tracking import REPLACED_BY_TAG, RUN_NAME_TAG, find_or_create_run
+from pipelines.train import CHECKPOINT_DIR_TAG
 from pipelines.train import main as train_main
 from tests.errors import expect_one_error
+from tests.mlflow_servers import LOG_BATCH, MlflowServer, OutageProxy
 from tests.test_loader import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -38,9 +41,9 @@ def job(tmp_path, dataset, *extra):
             "--name", "tiny-run", *STEPS, *extra]
 
 
-def read_trace(trace: Path) -> dict[int, list[dict]]:
+def read_trace(trace: Path, ranks=(0, 1)) -> dict[int, list[dict]]:
     return {rank: [json.loads(line) for line in (trace / f"rank{rank}.jsonl").read_text().splitlines()]
-            for rank in (0, 1)}
+            for rank in ranks}
 
 
 def the_run(tmp_path):
@@ -148,6 +151,83 @@ def test_too_many_non_finite_steps_stop_the_run_naming_the_step(tmp_path, datase
     message = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][-1]
     assert message.startswith("stopped at step ") and "3 consecutive steps had a non-finite loss" in message
     assert the_run(tmp_path)[1].info.status == "FAILED"
+
+
+def test_resume_refuses_another_dataset_or_config_and_force_new_starts_over(tmp_path, dataset, ray_local,
+                                                                          monkeypatch, caplog):
+    monkeypatch.setenv("DDPM_TEST_TRACE_DIR", str(tmp_path))
+    caplog.set_level(logging.INFO)
+    one = ["--workers", "1", "--set", "train.steps=8"]
+    assert train_main(job(tmp_path, dataset, *one)) == 0
+    client, first = the_run(tmp_path)
+    fingerprint = json.loads((Path(dataset) / "dataset.json").read_text())["fingerprint"]
+
+    # Other images under the same dataset name (so the same experiment): the --data path may differ, they may not.
+    other = tmp_path / "other"
+    other.mkdir()
+    make_dataset(other, str(other / "tiny16"), n=37, per_shard=6, resolution=16)
+    other_fingerprint = json.loads((other / "tiny16" / "dataset.json").read_text())["fingerprint"]
+    assert other_fingerprint != fingerprint
+    expect_one_error(caplog, train_main, job(tmp_path, str(other / "tiny16"), *one),
+                     f"run 'tiny-run' was started with dataset_fingerprint={fingerprint}; this command has "
+                     f"dataset_fingerprint={other_fingerprint}; use the same settings to resume, or --force-new to "
+                     "start over")
+    expect_one_error(caplog, train_main, job(tmp_path, dataset, *one, "--set", "train.lr=0.002"),
+                     "run 'tiny-run' was started with train.lr=0.001; this command has train.lr=0.002; use the same")
+    client, refused = the_run(tmp_path)
+    assert refused.info.status == "FINISHED" and refused.info.end_time == first.info.end_time  # left as it was
+
+    # train.steps may change: the run goes on from its step-8 checkpoint, in the same MLflow run.
+    assert train_main(job(tmp_path, dataset, "--workers", "1", "--set", "train.steps=16")) == 0
+    assert "resuming run 'tiny-run' with train.steps=16 (was 8)" in caplog.text
+    client, extended = the_run(tmp_path)
+    assert extended.info.run_id == first.info.run_id and extended.info.status == "FINISHED"
+    assert [m.step for m in client.get_metric_history(first.info.run_id, "loss")] == [4, 8, 12, 16]
+    assert [t["step"] for t in read_trace(tmp_path, ranks=(0,))[0]] == list(range(16))
+    assert read_state(tmp_path / "runs" / "tiny-run" / "checkpoint_000000016").step == 16
+
+    # --force-new: a new run, from step 0, in a folder of its own; the old run is kept but never resumed again.
+    assert train_main(job(tmp_path, dataset, *one, "--set", "train.lr=0.002", "--force-new")) == 0
+    runs = client.search_runs([first.info.experiment_id])
+    new = next(r for r in runs if r.info.run_id != first.info.run_id)
+    old = client.get_run(first.info.run_id)
+    assert len(runs) == 2 and new.data.params["train.lr"] == "0.002" and new.info.status == "FINISHED"
+    assert RUN_NAME_TAG not in old.data.tags and old.data.tags[REPLACED_BY_TAG] == new.info.run_id
+    assert [m.step for m in client.get_metric_history(old.info.run_id, "loss")] == [4, 8, 12, 16]
+    assert [m.step for m in client.get_metric_history(new.info.run_id, "loss")] == [4, 8]
+    assert [t["step"] for t in read_trace(tmp_path, ranks=(0,))[0]] == list(range(16)) + list(range(8))
+    folder = new.data.tags[CHECKPOINT_DIR_TAG]
+    assert folder.startswith("tiny-run-") and new.data.tags["checkpoint_location"] == str(tmp_path / "runs" / folder)
+    assert [c.name for c in (tmp_path / "runs" / folder).glob("checkpoint_0*")] == ["checkpoint_000000008"]
+    assert sorted(c.name for c in (tmp_path / "runs" / "tiny-run").glob("checkpoint_0*")) == [
+        "checkpoint_000000008", "checkpoint_000000016"]
+    found, resumed = find_or_create_run(client, first.info.experiment_id, "tiny-run", {}, {})
+    assert resumed and found.info.run_id == new.info.run_id  # the next command resumes the new run
+
+
+def test_an_mlflow_outage_during_training_loses_no_point_and_fails_nothing(tmp_path, dataset, ray_local):
+    (tmp_path / "mlflow").mkdir()
+    server = MlflowServer(tmp_path / "mlflow")
+    server.start()
+    # MLflow goes down at the metrics of step 8 and comes back at those of step 12: the metrics and the grid of
+    # step 8 (whose call sends the pending metrics first) find no server.
+    proxy = OutageProxy(server.uri, down_at=8, up_at=12)
+    try:
+        args = job(tmp_path, dataset, "--workers", "1", "--tracking-uri", proxy.uri, "--set", "train.steps=16",
+                   "--set", "train.checkpoint_every=16", "--set", "train.sample_every=8")
+        assert train_main(args) == 0
+        assert proxy.dropped == [f"POST {LOG_BATCH}"] * 2  # one try each: the worker does not retry into a stall
+        client = MlflowClient(server.uri)
+        run = client.search_runs([client.get_experiment_by_name("tiny16").experiment_id])[0]
+        assert run.info.status == "FINISHED"
+        for key in ("loss", "grad_norm", "lr", "images_per_s"):
+            assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [4, 8, 12, 16]
+        grids = [a.path for a in client.list_artifacts(run.info.run_id, "images") if a.path.endswith(".png")]
+        assert sorted(int(p.split("+step+")[1].split("+")[0]) for p in grids) == [8, 16]
+        assert client.get_model_version_by_alias("ddpm-tiny", "candidate").tags["run_id"] == run.info.run_id
+    finally:
+        proxy.close()
+        server.stop()
 
 
 def test_bad_inputs_are_refused_before_training(tmp_path, dataset, ray_local, caplog, monkeypatch):
