@@ -135,6 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
     from pipelines import fid_reference, sample_fid, schedule_sampling, shard, train
+    from pipelines.schedule_sampling import EVAL, PROMOTION
     from pipelines.demo_data import build_lmdb
     from pipelines.tracking import connect
 
@@ -183,7 +184,8 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
 
     client = connect(tracking)
     version = client.get_model_version_by_alias(MODEL, "candidate")
-    out = Path(version.tags["ddpm.eval.out"])
+    # The scheduler's one evaluation of this version (tags are namespaced by the evaluation spec).
+    out = Path(next(v for k, v in version.tags.items() if k.startswith(EVAL) and k.endswith(".out")))
     result = json.loads((out / "fid.json").read_text())
     baseline = json.loads((untrained / "fid.json").read_text())
     grid, data_grid = root / "samples_grid.png", root / "data_grid.png"
@@ -193,7 +195,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
     summary = {"mode": "fast" if args.fast else "full", "model": f"models:/{MODEL}/{version.version}",
                "samples_grid": str(grid), "data_grid": str(data_grid), "fid_json": str(out / "fid.json"),
                "score": label, "trained": result.get(label), "untrained": baseline.get(label),
-               "decision": client.get_model_version(MODEL, version.version).tags.get("ddpm.promotion.decision"),
+               "decision": version.tags.get(f"{PROMOTION}{out.name.rsplit('-', 1)[1]}.decision"),
                "stage_seconds": stages.seconds}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{stages.table()}\n")

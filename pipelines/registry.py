@@ -13,6 +13,13 @@ import ddpm_core
 from ddpm_core.checkpoint import EMA_WEIGHTS, load_ema_unet, read_state
 from ddpm_core.config import Config
 from ddpm_core.sampling import SamplesError
+from ddpm_core.storage import sha256_file
+
+# The registered model's data, inside the logged model: what sampling reads, and the version tags
+# holding each file's sha256 as registered.
+MODEL_FOLDER = "artifacts/model"
+WEIGHTS_SHA_TAG = "ddpm.weights_sha256"
+RECORDED_SHA256 = {"config.json": "ddpm.config_sha256", EMA_WEIGHTS: WEIGHTS_SHA_TAG}
 
 
 def resolve_model(reference: str, client) -> tuple[str, object | None]:
@@ -36,14 +43,47 @@ def resolve_model(reference: str, client) -> tuple[str, object | None]:
 
 
 def load_model(resolved: str, tracking_uri: str):
-    """(EMA U-Net in eval mode, its Config) for a reference from `resolve_model`."""
-    if resolved.startswith("models:/"):
-        import mlflow
+    """(EMA U-Net in eval mode, its Config) for a reference from `resolve_model`.
 
-        mlflow.set_tracking_uri(tracking_uri)  # actors run elsewhere: they must be told where the registry is
-        sampler = mlflow.pyfunc.load_model(resolved).unwrap_python_model()
-        return sampler.model, sampler.config
+    A registered version is read as data: its config.json and safetensors weights are downloaded and
+    checked against the sha256 recorded when it was registered. The pyfunc code stored with it is
+    never imported or run (anyone who can write to the registry could have put code there).
+    """
+    if resolved.startswith("models:/"):
+        return _load_registered(resolved, tracking_uri)
     return load_ema_unet(resolved.rsplit("@step", 1)[0])
+
+
+def _load_registered(resolved: str, tracking_uri: str):
+    import mlflow
+    from mlflow.tracking import MlflowClient
+
+    name, number = resolved[len("models:/"):].rsplit("/", 1)
+    client = MlflowClient(tracking_uri)  # actors run elsewhere: they must be told where the registry is
+    recorded = client.get_model_version(name, number).tags
+    missing = [tag for tag in RECORDED_SHA256.values() if not recorded.get(tag)]
+    if missing:
+        raise SamplesError(f"{resolved} has no recorded sha256 ({', '.join(missing)}): it was not registered by "
+                           "this version of ddpm-ray; register it again (`ddpm convert import --register` or a "
+                           "training run) to sample from it")
+    source = client.get_model_version_download_uri(name, number).rstrip("/")
+    with tempfile.TemporaryDirectory(prefix="ddpm-registered-") as scratch:
+        folder = Path(mlflow.artifacts.download_artifacts(artifact_uri=f"{source}/{MODEL_FOLDER}", dst_path=scratch,
+                                                          tracking_uri=tracking_uri))
+        for file, tag in RECORDED_SHA256.items():
+            found = sha256_file(folder / file) if (folder / file).is_file() else "missing"
+            if found != recorded[tag]:
+                raise SamplesError(f"{resolved}: {file} does not match the sha256 recorded at registration "
+                                   f"({found[:16]} found, {recorded[tag][:16]} recorded): the artifact was "
+                                   "changed after registration; refusing to use it")
+        return load_ema_unet(folder)
+
+
+def weights_sha256(resolved: str, version) -> str:
+    """The sha256 of the EMA weights a resolved model samples with (as registered, or of the checkpoint)."""
+    if version is not None:
+        return version.tags[WEIGHTS_SHA_TAG]
+    return sha256_file(Path(resolved.rsplit("@step", 1)[0]) / EMA_WEIGHTS)
 
 
 def code_version() -> str:
@@ -56,7 +96,10 @@ def code_version() -> str:
 
 
 def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: dict) -> str:
-    """Log the EMA model as a pyfunc in the run, register it as ddpm-<preset>, alias `candidate`."""
+    """Log the EMA model in the run, register it as ddpm-<preset> with its files' sha256, alias `candidate`.
+
+    It is logged as a pyfunc (for users of `mlflow.pyfunc`); our jobs read only its data (`load_model`).
+    """
     import mlflow
     from mlflow.models.signature import ModelSignature
     from mlflow.types.schema import ColSpec, ParamSchema, ParamSpec, Schema, TensorSpec
@@ -75,12 +118,13 @@ def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: di
         model_dir.mkdir()
         shutil.copy(checkpoint_dir / EMA_WEIGHTS, model_dir / EMA_WEIGHTS)
         (model_dir / "config.json").write_text(config.to_json())
+        recorded = {tag: sha256_file(model_dir / file) for file, tag in RECORDED_SHA256.items()}
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(
                 name="model", python_model=ddpm_model.__file__, artifacts={"model": str(model_dir)},
                 code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature,
                 pip_requirements=["torch", "numpy", "safetensors", "pillow"])
     name = f"ddpm-{config.preset}"
-    version = mlflow.register_model(info.model_uri, name, tags={k: str(v) for k, v in tags.items()})
+    version = mlflow.register_model(info.model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, **recorded})
     client.set_registered_model_alias(name, "candidate", version.version)
     return version.version

@@ -50,6 +50,7 @@ from ddpm_core.storage import StorageError, open_storage, read_uri, sha256_file
 log = logging.getLogger("ddpm.sample")
 FEATURES = ("inception", "random-init", "none")
 RANDOM_INIT_SEED = 0
+ACTOR_RETRIES = 2  # restarts of a sampling actor, and retries of its tar, before the job fails
 
 
 def statistics_row(features: FeatureStats, scores: ScoreStats) -> dict[str, np.ndarray]:
@@ -153,7 +154,7 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import ray
 
-    from pipelines.registry import load_model, resolve_model
+    from pipelines.registry import load_model, resolve_model, weights_sha256
     from pipelines.ray_runtime import init_ray
     from pipelines.tracking import connect, resolve_tracking_uri
 
@@ -192,15 +193,18 @@ def _run(args: argparse.Namespace) -> int:
 
     init_ray(args.address)
     rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
+    # Bounded retries (Ray Data's default is forever): a batch that keeps failing ends as a failed job.
     stage = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
         SampleAndScore, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
-        num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor,
+        num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor, max_restarts=ACTOR_RETRIES,
+        max_task_retries=ACTOR_RETRIES,
         fn_constructor_kwargs={"model": resolved, "tracking_uri": tracking_uri, "spec": spec.__dict__,
                                "out": storage.uri, "features": args.features, "weights": weights,
                                "batch_size": args.batch_size, "threads": max(1, int(args.cpus_per_actor))})
     features, scores = merge_statistics(stage.iter_rows(), spec.num, "samples")
 
-    result = {"model": resolved, "sampler": spec.sampler, "steps": spec.steps, "eta": spec.eta, "seed": spec.seed,
+    result = {"model": resolved, "model_weights_sha256": weights_sha256(resolved, version),
+              "sampler": spec.sampler, "steps": spec.steps, "eta": spec.eta, "seed": spec.seed,
               "num": spec.num, "bf16": spec.bf16, "features": args.features, "inception_weights_sha256": weights_sha,
               "reference": args.ref, "reference_sha256": reference_sha}
     label = "fid" if args.features == "inception" else "pseudo_fid"
@@ -235,11 +239,11 @@ def log_results(client, tracking_uri: str, result: dict, version, storage, label
         mlflow.log_image(image_grid(images[:64], columns=8), "samples_first_64.png")
         mlflow.log_dict(result, "fid.json")
     if version is not None and label in result:
-        # A pseudo-FID is never written to the registry under the name FID.
-        client.set_model_version_tag(version.name, version.version, label, f"{result[label]:.4f}")
-        client.set_model_version_tag(version.name, version.version, f"{label}_n", str(result["num"]))
-        client.set_model_version_tag(version.name, version.version, f"{label}_sampler",
-                                     f"{result['sampler']}-{result['steps']}")
+        # For people reading the registry, one tag per kind of sample set, so that sets never overwrite each
+        # other (the scheduler keeps its own records). A pseudo-FID is never written under the name FID.
+        kind = (f"{result['sampler']}-{result['steps']}/n{result['num']}/seed{result['seed']}/"
+                f"{'bf16' if result['bf16'] else 'fp32'}")
+        client.set_model_version_tag(version.name, version.version, f"{label}/{kind}", f"{result[label]:.4f}")
 
 
 def main(argv: list[str] | None = None) -> int:

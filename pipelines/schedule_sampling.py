@@ -8,11 +8,16 @@ under this evaluation spec, submits the sampling job (pipelines/sample_fid.py) t
 API, waits for it and reads its fid.json. The `champion` alias then moves to the best verified FID;
 a pseudo-FID never promotes. The decision and both scores are version tags.
 
-State lives in MLflow version tags (`ddpm.eval.*`, `ddpm.promotion.*`) and in Ray job ids, never in
-local files. Submission ids are deterministic, ddpm-eval-<model>-v<version>-<spec digest>-a<attempt>,
-and Ray refuses a second job with an existing id: schedulers that race submit each batch once, a
-restarted scheduler picks up the jobs it finds in the tags, and attempt k+1 is only submitted once
-attempt k has ended, so no two batches for one version ever run at once.
+State lives in MLflow version tags, one namespace per spec (`ddpm.eval.<digest>.*`,
+`ddpm.promotion.<digest>.*`), and in Ray job ids, never in local files. Tags only say where a batch
+is; what counts is the evaluation's own record: promotion re-reads each fid.json from the artifact
+store, checks its sha256, model, spec, reference and Inception weights, and compares only results of
+one spec (which includes the reference file's sha256). Submission ids are deterministic,
+ddpm-eval-<model>-v<version>-<spec digest>-a<attempt>, and Ray refuses a second job with an existing
+id: schedulers that race submit each batch once, a restarted scheduler picks up the jobs it finds in
+the tags, and attempt k+1 is only submitted once attempt k has ended, so no two batches for one
+version ever run at once. One spec holds the `champion` alias (recorded on the registered model);
+schedulers of other specs score and record, but never move it.
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ import argparse
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shlex
@@ -32,12 +38,14 @@ from urllib.parse import urlparse
 
 from ddpm_core.inception import TRUSTED_ENV, WEIGHTS_ENV, accepted_weights
 from ddpm_core.sampling import SAMPLERS
-from ddpm_core.storage import StorageError, open_storage
+from ddpm_core.storage import StorageError, open_storage, read_uri
+from pipelines.registry import WEIGHTS_SHA_TAG
 
 log = logging.getLogger("ddpm.schedule")
 CHAMPION = "champion"
-EVAL = "ddpm.eval."  # spec, status, job, attempts, out, error, fid, pseudo_fid, weights_sha256, reference_sha256
-PROMOTION = "ddpm.promotion."  # decision, fid, champion, champion_fid
+CHAMPION_SPEC = "ddpm.champion_spec"  # registered-model tag: the spec whose scheduler moves `champion`
+EVAL = "ddpm.eval."  # + <digest>. + status, job, attempts, out, error, result_sha256, fid | pseudo_fid
+PROMOTION = "ddpm.promotion."  # + <digest>. + decision, fid, champion, champion_fid
 SUBMITTED, SUCCEEDED, FAILED, GAVE_UP = "submitted", "succeeded", "failed", "gave_up"
 # Settings the job needs from the scheduler's side (the cluster provides its own credentials and endpoints).
 PASSED_ENV = (WEIGHTS_ENV, TRUSTED_ENV)
@@ -50,12 +58,22 @@ class SchedulerError(RuntimeError):
     """A registry or cluster the scheduler cannot use, with the reason."""
 
 
-def retrying(what: str, call, done=None, attempts: int = REGISTRY_ATTEMPTS, backoff: float = REGISTRY_BACKOFF):
-    """`call()`, retried with exponential backoff; after a failure, `done()` may say it took effect anyway."""
+def retrying(what: str, call, done=None, permanent=None, attempts: int = REGISTRY_ATTEMPTS,
+             backoff: float = REGISTRY_BACKOFF):
+    """`call()`, retried with exponential backoff through transient MLflow, Ray and S3 errors.
+
+    After a failure `done()` may say the call took effect anyway (a write another scheduler made);
+    an error `permanent(error)` accepts is an answer, not an outage, and is raised at once. After the
+    last attempt: SchedulerError, which ends this tick (the next one starts over).
+    """
     for attempt in range(1, attempts + 1):
         try:
             return call()
-        except Exception as error:  # noqa: BLE001 - MLflow, HTTP and connection errors alike
+        except SchedulerError:
+            raise
+        except Exception as error:  # noqa: BLE001 - MLflow, HTTP, S3 and connection errors alike
+            if permanent is not None and permanent(error):
+                raise
             try:
                 if done is not None and done():
                     return None
@@ -80,10 +98,21 @@ class EvalSpec:
     features: str
     per_tar: int
     bf16: bool = False  # the network's precision: FIDs under one spec come from one precision
+    reference_sha256: str | None = None  # what `ref` held: a changed reference file is another spec
 
     @property
     def digest(self) -> str:
         return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+
+    def mismatch(self, result: dict) -> str | None:
+        """How a fid.json differs from what this spec asks, or None."""
+        steps = self.steps if self.sampler == "ddim" else result.get("steps")
+        asked = {"num": self.num, "sampler": self.sampler, "steps": steps, "eta": self.eta, "seed": self.seed,
+                 "features": self.features, "bf16": self.bf16, "reference_sha256": self.reference_sha256}
+        for key, value in asked.items():
+            if result.get(key) != value:
+                return f"its {key} is {result.get(key)!r}, the spec's {value!r}"
+        return None
 
     def job_arguments(self) -> list[str]:
         arguments = ["--num", str(self.num), "--sampler", self.sampler, "--steps", str(self.steps),
@@ -135,13 +164,29 @@ def submission_id(model_name: str, version: int, spec: EvalSpec, attempt: int) -
     return f"ddpm-eval-{safe}-v{version}-{spec.digest}-a{attempt}"
 
 
-def verified_fid(tags: dict[str, str], spec: EvalSpec) -> float | None:
-    """The version's FID under `spec`, if it was computed with verified Inception weights."""
-    if tags.get(EVAL + "spec") != spec.digest or tags.get(EVAL + "status") != SUCCEEDED:
+class InvalidResult(ValueError):
+    """A fid.json that cannot count, with the reason."""
+
+
+def check_result(result: dict, model: str, spec: EvalSpec, model_weights_sha256: str | None) -> dict:
+    """`result` (a parsed fid.json) if it is this spec's evaluation of `model`, else InvalidResult."""
+    if result.get("model") != model:
+        raise InvalidResult(f"it scores {result.get('model')!r}, not {model}")
+    if (difference := spec.mismatch(result)) is not None:
+        raise InvalidResult(difference)
+    if result.get("model_weights_sha256") != model_weights_sha256:
+        raise InvalidResult("it was computed from other weights than the version's registered ones")
+    for label in ("fid", "pseudo_fid"):
+        if label in result and not (isinstance(result[label], (int, float)) and math.isfinite(result[label])):
+            raise InvalidResult(f"its {label} is {result[label]!r}, not a finite number")
+    return result
+
+
+def verified_fid(result: dict) -> float | None:
+    """The FID of a checked result, if it was computed with verified Inception weights (never a pseudo-FID)."""
+    if "fid" not in result or result.get("inception_weights_sha256") not in accepted_weights():
         return None
-    if EVAL + "fid" not in tags or tags.get(EVAL + "weights_sha256") not in accepted_weights():
-        return None
-    return float(tags[EVAL + "fid"])
+    return float(result["fid"])
 
 
 class Scheduler:
@@ -149,25 +194,35 @@ class Scheduler:
 
     def __init__(self, model_name: str, spec: EvalSpec, out_root: str, jobs, client, tracking_uri: str,
                  job_options: list[str], max_attempts: int = 3, aliases: tuple[str, ...] = (),
-                 working_dir: str | None = None):
+                 working_dir: str | None = None, deadline: float = 24 * 3600):
         self.model_name, self.spec, self.out_root = model_name, spec, out_root.rstrip("/")
         self.jobs, self.client, self.tracking_uri = jobs, client, tracking_uri
         self.job_options, self.max_attempts, self.aliases = job_options, max_attempts, aliases
-        self.working_dir = working_dir
+        self.working_dir, self.deadline = working_dir, deadline
 
     # --- the registry -------------------------------------------------------------------------
-    def versions(self) -> list:
+    def registered_model(self):
         try:
-            self.client.get_registered_model(self.model_name)
+            return self.client.get_registered_model(self.model_name)
         except Exception as error:  # noqa: BLE001 - MLflow raises several kinds for "not found"
+            if "RESOURCE_DOES_NOT_EXIST" not in str(error) and "not found" not in str(error).lower():
+                raise  # an outage, not an answer: retried by the caller
             raise SchedulerError(f"registered model {self.model_name!r} does not exist in the MLflow registry at "
                                  f"{_redact(self.tracking_uri)}: {_first_line(error)}") from None
-        found = self.client.search_model_versions(f"name = '{self.model_name}'")
+
+    def versions(self) -> list:
+        retrying(f"reading the registered model {self.model_name}", self.registered_model)
+        found = retrying(f"listing the versions of {self.model_name}",
+                         lambda: self.client.search_model_versions(f"name = '{self.model_name}'"))
         return sorted(found, key=lambda v: int(v.version))
 
+    def eval_key(self, key: str) -> str:
+        return f"{EVAL}{self.spec.digest}.{key}"
+
     def tag(self, version: int, prefix: str, values: dict[str, object]) -> None:
+        """Write tags of this spec's namespace, in order (callers put the deciding tag last)."""
         for key, value in values.items():
-            self.set_tag(version, prefix + key, str(value))
+            self.set_tag(version, f"{prefix}{self.spec.digest}.{key}", str(value))
 
     def set_tag(self, version: int, key: str, value: str) -> None:
         """Write one version tag idempotently: a tag that already holds `value` is success.
@@ -183,11 +238,20 @@ class Scheduler:
                  lambda: self.client.set_model_version_tag(self.model_name, str(version), key, value), holds_value)
 
     def alias_holder(self, alias: str):
-        """The version holding `alias`, or None."""
-        try:
-            return self.client.get_model_version_by_alias(self.model_name, alias)
-        except Exception:  # noqa: BLE001 - MLflow raises several kinds for "no such alias"
-            return None
+        """The version holding `alias`, or None; an unreachable registry is an error, not "no holder"."""
+        def read():
+            try:
+                return self.client.get_model_version_by_alias(self.model_name, alias)
+            except Exception as error:  # noqa: BLE001 - MLflow answers a missing alias with an error
+                if _not_found(error):
+                    return None
+                raise
+
+        return retrying(f"reading the alias {alias} of {self.model_name}", read)
+
+    def champion_spec(self) -> str | None:
+        """The spec whose scheduler moves `champion` (the first one that promoted), or None."""
+        return self.registered_model().tags.get(CHAMPION_SPEC)
 
     # --- the cluster --------------------------------------------------------------------------
     def out_uri(self, version: int) -> str:
@@ -203,27 +267,25 @@ class Scheduler:
         if self.working_dir:
             runtime_env["working_dir"] = self.working_dir
         try:
-            self.jobs.submit_job(
+            retrying(f"submitting {job_id}", lambda: self.jobs.submit_job(
                 entrypoint=shlex.join(["python", "-m", "pipelines.sample_fid", *arguments]),
                 submission_id=job_id, runtime_env=runtime_env,
                 metadata={"ddpm.model": self.model_name, "ddpm.version": str(version), "ddpm.spec": self.spec.digest,
-                          "ddpm.attempt": str(attempt)})
+                          "ddpm.attempt": str(attempt)}), permanent=_already_submitted)
         except RuntimeError as error:
-            if "already exists" not in str(error):
-                raise SchedulerError(f"submitting {job_id} to the Ray job API failed: {_first_line(error)}") from None
+            if not _already_submitted(error):
+                raise
             log.info("v%d: %s was already submitted (another scheduler, or an earlier tick)", version, job_id)
         else:
             log.info("v%d: submitted %s (attempt %d/%d)", version, job_id, attempt, self.max_attempts)
             report.submitted.append(job_id)
-        self.tag(version, EVAL, {"spec": self.spec.digest, "status": SUBMITTED, "job": job_id, "attempts": attempt,
-                                 "out": self.out_uri(version)})
+        self.tag(version, EVAL, {"job": job_id, "attempts": attempt, "out": self.out_uri(version),
+                                 "status": SUBMITTED})
         report.note(version, SUBMITTED, job=job_id)
 
     def jobs_by_id(self) -> dict:
-        try:
-            return {job.submission_id: job for job in self.jobs.list_jobs() if job.submission_id}
-        except Exception as error:  # noqa: BLE001 - connection and HTTP errors alike
-            raise SchedulerError(f"cannot list jobs on the Ray cluster: {_first_line(error)}") from None
+        jobs = retrying("listing the jobs of the Ray cluster", self.jobs.list_jobs)
+        return {job.submission_id: job for job in jobs if job.submission_id}
 
     def failure_reason(self, job) -> str:
         """The job's message and the last error line of its log."""
@@ -236,6 +298,22 @@ class Scheduler:
         summary = (job.message or "").split(", last available logs")[0]  # Ray appends the log tail
         return f"{job.status}: {summary}: {detail}"[:1000]
 
+    def past_deadline(self, job) -> bool:
+        """Whether a running batch has run longer than the deadline (then it is stopped and failed)."""
+        started = getattr(job, "start_time", None)  # ms since the epoch
+        return bool(started) and time.time() - started / 1000 > self.deadline
+
+    def stop(self, job_id: str, timeout: float = 60) -> bool:
+        """Stop a batch and wait until it has ended: the next attempt must never run beside it."""
+        retrying(f"stopping {job_id}", lambda: self.jobs.stop_job(job_id))
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if retrying(f"reading the status of {job_id}", lambda: self.jobs.get_job_status(job_id)).is_terminal():
+                return True
+            time.sleep(1)
+        log.warning("%s has not ended %.0f s after it was stopped; checked again on the next poll", job_id, timeout)
+        return False
+
     # --- one tick -----------------------------------------------------------------------------
     def tick(self, wait_timeout: float = 6 * 3600, poll: float = 10.0) -> TickReport:
         report = TickReport()
@@ -244,13 +322,14 @@ class Scheduler:
         holders = {int(v.version) for v in map(self.alias_holder, self.aliases) if v is not None}
         for version in self.versions():
             number, tags = int(version.version), version.tags
-            job_id = tags.get(EVAL + "job")
-            if tags.get(EVAL + "status") == SUBMITTED and job_id:
+            status, job_id = tags.get(self.eval_key("status")), tags.get(self.eval_key("job"))
+            attempts = _count(tags, self.eval_key("attempts"), number)
+            if status == SUBMITTED and job_id:
                 job = jobs.get(job_id)
                 if job is None:
                     # The cluster no longer knows it (restarted): run it again; the samples resume.
                     log.warning("v%d: the cluster has no record of %s; submitting it again", number, job_id)
-                    self.submit(number, job_id, int(tags.get(EVAL + "attempts", 1)), report)
+                    self.submit(number, job_id, max(attempts, 1), report)
                     watching[number] = job_id
                 elif not job.status.is_terminal():
                     watching[number] = job_id
@@ -258,17 +337,16 @@ class Scheduler:
                 else:
                     self.finish(number, job, report)
                 continue  # a failure observed now is retried on the next tick
-            same_spec = tags.get(EVAL + "spec") == self.spec.digest
-            if same_spec and tags.get(EVAL + "status") in (SUCCEEDED, GAVE_UP):
+            if status in (SUCCEEDED, GAVE_UP):
                 continue
             if self.aliases and number not in holders:
                 continue
-            attempts = int(tags.get(EVAL + "attempts", 0)) if same_spec else 0
             if attempts >= self.max_attempts:
+                error = tags.get(self.eval_key("error"), "")
                 self.tag(number, EVAL, {"status": GAVE_UP})
-                log.error("v%d: gave up after %d failed batches (%s); delete the tag %sstatus to try again",
-                          number, attempts, tags.get(EVAL + "error", ""), EVAL)
-                report.note(number, GAVE_UP, job=job_id or "", decision=tags.get(EVAL + "error", ""))
+                log.error("v%d: gave up after %d failed batches (%s); delete the tag %s to try again",
+                          number, attempts, error, self.eval_key("status"))
+                report.note(number, GAVE_UP, job=job_id or "", decision=error)
                 continue
             job_id = submission_id(self.model_name, number, self.spec, attempts + 1)
             self.submit(number, job_id, attempts + 1, report)
@@ -286,6 +364,10 @@ class Scheduler:
                 if job is not None and job.status.is_terminal():
                     self.finish(number, job, report)
                     del watching[number]
+                elif job is not None and self.past_deadline(job) and self.stop(job_id):
+                    self.record_failure(number, job_id, f"stopped: still {job.status} after the deadline of "
+                                                        f"{self.deadline:.0f} s (--deadline)", report)
+                    del watching[number]
             if not watching:
                 break
             elapsed = time.monotonic() - started
@@ -298,79 +380,149 @@ class Scheduler:
                      elapsed)
             time.sleep(poll)
 
+    def read_result(self, version: int, expected_sha256: str | None = None) -> tuple[dict, str]:
+        """(the checked fid.json of this spec's batch for `version`, its sha256); InvalidResult if it cannot count.
+
+        The location is the scheduler's own (out root, model, version, spec), never a tag's.
+        """
+        uri = f"{self.out_uri(version)}/fid.json"
+        try:
+            data = retrying(f"reading {uri}", lambda: read_uri(uri), permanent=_missing_file)
+        except StorageError as error:
+            raise InvalidResult(str(error)) from None
+        digest = hashlib.sha256(data).hexdigest()
+        if expected_sha256 is not None and digest != expected_sha256:
+            raise InvalidResult(f"{uri} changed after it was recorded (sha256 {digest[:12]}, recorded "
+                                f"{expected_sha256[:12]})")
+        try:
+            result = json.loads(data)
+        except ValueError as error:
+            raise InvalidResult(f"{uri} is not JSON: {error}") from None
+        model = f"models:/{self.model_name}/{version}"
+        weights = retrying(f"reading {model}", lambda: self.client.get_model_version(self.model_name, str(version)))
+        return check_result(result, model, self.spec, weights.tags.get(WEIGHTS_SHA_TAG)), digest
+
     def finish(self, version: int, job, report: TickReport) -> None:
-        """Record an ended batch: its scores (from fid.json) or why it failed."""
-        if str(job.status) == "SUCCEEDED":
-            try:
-                result = json.loads(open_storage(self.out_uri(version)).read_bytes("fid.json"))
-            except (StorageError, ValueError) as error:
-                self.record_failure(version, job.submission_id, f"succeeded but fid.json is unreadable: {error}",
-                                    report)
-                return
-            scores = {key: result[key] for key in ("fid", "pseudo_fid") if key in result}
-            for stale in {"fid", "pseudo_fid"} - set(scores):  # a score from another spec must not linger
-                try:
-                    self.client.delete_model_version_tag(self.model_name, str(version), EVAL + stale)
-                except Exception:  # noqa: BLE001 - absent already
-                    pass
-            self.tag(version, EVAL, {"status": SUCCEEDED, "error": "", **scores,
-                                     "weights_sha256": result.get("inception_weights_sha256"),
-                                     "reference_sha256": result.get("reference_sha256")})
-            shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) or "samples only"
-            log.info("v%d: %s succeeded: %s", version, job.submission_id, shown)
-            report.note(version, SUCCEEDED, job=job.submission_id, score=shown)
-        else:
+        """Record an ended batch: its result (written completely, `status` last) or why it failed."""
+        if str(job.status) != "SUCCEEDED":
             self.record_failure(version, job.submission_id, self.failure_reason(job), report)
+            return
+        try:
+            result, digest = self.read_result(version)
+        except InvalidResult as error:
+            self.record_failure(version, job.submission_id, f"succeeded but its fid.json cannot count: {error}",
+                                report)
+            return
+        scores = {key: result[key] for key in ("fid", "pseudo_fid") if key in result}
+        self.tag(version, EVAL, {**scores, "result_sha256": digest, "error": "", "status": SUCCEEDED})
+        shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) or "samples only"
+        log.info("v%d: %s succeeded: %s", version, job.submission_id, shown)
+        report.note(version, SUCCEEDED, job=job.submission_id, score=shown)
 
     def record_failure(self, version: int, job_id: str, reason: str, report: TickReport) -> None:
-        self.tag(version, EVAL, {"status": FAILED, "error": reason})
+        self.tag(version, EVAL, {"error": reason, "status": FAILED})
         log.error("v%d: batch %s failed, retried on the next tick: %s", version, job_id, reason)
         report.note(version, FAILED, job=job_id, decision=f"not promoted: the batch failed ({reason[:120]})")
 
     # --- promotion ----------------------------------------------------------------------------
+    def verified_scores(self, versions: dict[int, dict]) -> dict[int, float]:
+        """Verified FIDs of this spec, each re-read from its fid.json; a result that cannot count is skipped
+        with one warning."""
+        scores = {}
+        for number, tags in versions.items():
+            if tags.get(self.eval_key("status")) != SUCCEEDED:
+                continue
+            try:
+                recorded = tags.get(self.eval_key("result_sha256"))
+                if not recorded:
+                    raise InvalidResult(f"its tags say {SUCCEEDED} but no result was recorded "
+                                        f"({self.eval_key('result_sha256')} is missing)")
+                result, _ = self.read_result(number, recorded)
+            except InvalidResult as error:
+                log.warning("v%d: its evaluation under spec %s is skipped: %s", number, self.spec.digest, error)
+                continue
+            if (fid := verified_fid(result)) is not None:
+                scores[number] = fid
+        return scores
+
     def promote(self, report: TickReport) -> None:
         """Move `champion` to the best verified FID under this spec; record a decision for each new score."""
         versions = {int(v.version): v.tags for v in self.versions()}
-        scored = {n: fid for n, tags in versions.items() if (fid := verified_fid(tags, self.spec)) is not None}
+        scored = self.verified_scores(versions)
+        owner = self.champion_spec()
+        if owner not in (None, self.spec.digest):
+            for number, outcome in report.outcomes.items():
+                if outcome.status == SUCCEEDED:
+                    decision = (f"recorded only: {CHAMPION} is decided under spec {owner}, not {self.spec.digest}")
+                    self.tag(number, PROMOTION, {"decision": decision, "fid": scored.get(number, "")})
+                    outcome.decision = decision
+            return
         champion = self.alias_holder(CHAMPION)
         holder = int(champion.version) if champion else None
         held = scored.get(holder) if holder is not None else None
         best = min(scored, key=lambda n: (scored[n], n), default=None)
-        pending = holder is not None and held is None and versions.get(holder, {}).get(EVAL + "status") in (
-            SUBMITTED, FAILED) and versions[holder].get(EVAL + "spec") == self.spec.digest
+        pending = holder is not None and held is None and versions.get(holder, {}).get(
+            self.eval_key("status")) in (SUBMITTED, FAILED)
         promote = best is not None and not pending and (held is None or scored[best] < held)
         if promote:
+            if owner is None:
+                retrying(f"recording the champion spec of {self.model_name}",
+                         lambda: self.client.set_registered_model_tag(self.model_name, CHAMPION_SPEC,
+                                                                      self.spec.digest))
             retrying(f"moving {CHAMPION} of {self.model_name} to v{best}",
                      lambda: self.client.set_registered_model_alias(self.model_name, CHAMPION, str(best)),
                      lambda: getattr(self.alias_holder(CHAMPION), "version", None) == str(best))
             decision = (f"promoted: FID {scored[best]:.4f} < champion v{holder} FID {held:.4f}" if held is not None
                         else f"promoted: FID {scored[best]:.4f}; " + (f"champion v{holder} has no FID under this "
                                                                       "spec" if holder else "no champion before"))
-            self.tag(best, PROMOTION, {"decision": decision, "fid": scored[best], "champion": holder or "",
-                                       "champion_fid": "" if held is None else held})
+            self.tag(best, PROMOTION, {"fid": scored[best], "champion": holder or "",
+                                       "champion_fid": "" if held is None else held, "decision": decision})
             log.info("v%d is the new %s (%s)", best, CHAMPION, decision)
             report.promoted = best
-            report.note(best, versions[best].get(EVAL + "status", SUCCEEDED), decision=decision)
+            report.note(best, report.outcomes[best].status if best in report.outcomes else SUCCEEDED,
+                        decision=decision)
             holder, held = best, scored[best]
         for number, outcome in report.outcomes.items():
             if outcome.status != SUCCEEDED or number == report.promoted:
                 continue
-            tags = versions[number]
             if number not in scored:
-                kind = "pseudo-FID" if EVAL + "pseudo_fid" in tags else "no FID"
+                kind = "pseudo-FID" if self.eval_key("pseudo_fid") in versions[number] else "no FID"
                 decision = f"not promoted: {kind} only (FID needs the verified Inception weights)"
-                values = {"decision": decision, "fid": "", "champion": holder or "", "champion_fid": held or ""}
+                values = {"fid": "", "champion": holder or "", "champion_fid": held or ""}
             elif pending:
                 decision = f"deferred: champion v{holder} is still being evaluated under this spec"
-                values = {"decision": decision, "fid": scored[number], "champion": holder, "champion_fid": ""}
+                values = {"fid": scored[number], "champion": holder, "champion_fid": ""}
             elif number == holder:
                 decision = f"kept: already {CHAMPION}, FID {scored[number]:.4f}"
-                values = {"decision": decision, "fid": scored[number], "champion": holder, "champion_fid": held}
+                values = {"fid": scored[number], "champion": holder, "champion_fid": held}
             else:
                 decision = f"not promoted: FID {scored[number]:.4f} >= champion v{holder} FID {held:.4f}"
-                values = {"decision": decision, "fid": scored[number], "champion": holder, "champion_fid": held}
-            self.tag(number, PROMOTION, values)
+                values = {"fid": scored[number], "champion": holder, "champion_fid": held}
+            self.tag(number, PROMOTION, {**values, "decision": decision})
             outcome.decision = decision
+
+
+def _count(tags: dict[str, str], key: str, version: int) -> int:
+    """A counter tag; a value that is not a count is read as 0, with one warning."""
+    value = tags.get(key, "0")
+    try:
+        return max(0, int(value))
+    except ValueError:
+        log.warning("v%d: tag %s is %r, not a count; read as 0", version, key, value)
+        return 0
+
+
+def _not_found(error: Exception) -> bool:
+    text = str(error)
+    return "RESOURCE_DOES_NOT_EXIST" in text or "not found" in text.lower() or "INVALID_PARAMETER_VALUE" in text
+
+
+def _already_submitted(error: Exception) -> bool:
+    return "already exists" in str(error)
+
+
+def _missing_file(error: Exception) -> bool:
+    return isinstance(error, StorageError) and "does not exist" in str(error)
 
 
 def _first_line(error: Exception) -> str:
@@ -410,6 +562,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-attempts", type=int, default=3, help="failed batches per version before giving up")
     parser.add_argument("--wait-timeout", type=float, default=6 * 3600,
                         help="seconds a tick waits for its batches; later ticks pick up what still runs")
+    parser.add_argument("--deadline", type=float, default=24 * 3600,
+                        help="seconds a batch may run in all; a batch still running then is stopped and failed")
     parser.add_argument("--poll", type=float, default=15.0, help="seconds between job status checks")
     parser.add_argument("--aliases", nargs="+", default=(),
                         help="only versions holding one of these aliases (default: every version)")
@@ -435,7 +589,8 @@ def build(args: argparse.Namespace) -> Scheduler:
     from pipelines.ray_runtime import REMOTE_TOKEN_FIX, is_auth_failure
     from pipelines.tracking import connect, resolve_tracking_uri
 
-    for name, value in (("--num", args.num), ("--max-attempts", args.max_attempts), ("--actors", args.actors)):
+    for name, value in (("--num", args.num), ("--max-attempts", args.max_attempts), ("--actors", args.actors),
+                        ("--deadline", args.deadline)):
         if value < 1:
             raise SchedulerError(f"{name} must be >= 1, got {value}")
     address = args.address or os.environ.get("RAY_ADDRESS")
@@ -450,11 +605,18 @@ def build(args: argparse.Namespace) -> Scheduler:
             raise SchedulerError(f"the Ray job API at {address} refused this client's token: "
                                  f"{REMOTE_TOKEN_FIX}") from None
         raise SchedulerError(f"cannot reach the Ray job API at {address}: {_first_line(error)}") from None
+    reference_sha256 = None
+    if args.ref:
+        try:
+            reference_sha256 = hashlib.sha256(retrying(f"reading {args.ref}", lambda: read_uri(args.ref),
+                                                       permanent=_missing_file)).hexdigest()
+        except StorageError as error:
+            raise SchedulerError(f"--ref: {error}") from None
     spec = EvalSpec(args.num, args.sampler, args.steps if args.sampler == "ddim" else 0,
                     args.eta if args.sampler == "ddim" else 0.0, args.seed, args.ref, args.features, args.per_tar,
-                    args.bf16)
+                    args.bf16, reference_sha256)
     return Scheduler(args.model_name, spec, args.out_root, jobs, client, tracking_uri, job_options(args),
-                     args.max_attempts, tuple(args.aliases), args.working_dir)
+                     args.max_attempts, tuple(args.aliases), args.working_dir, args.deadline)
 
 
 def run(args: argparse.Namespace) -> int:
@@ -467,19 +629,32 @@ def run(args: argparse.Namespace) -> int:
         cron = Cron.parse(args.cron) if args.cron else None
         scheduler = build(args)
         log.info("evaluating %s under spec %s: %s", args.model_name, scheduler.spec.digest, asdict(scheduler.spec))
-        while True:
-            if cron is not None:
-                now = datetime.now(timezone.utc)
-                next_tick = cron.next_after(now)
-                log.info("next tick at %s UTC", next_tick.strftime("%Y-%m-%d %H:%M"))
-                time.sleep((next_tick - now).total_seconds())
+        if cron is None:
             report = scheduler.tick(args.wait_timeout, args.poll)
             print(report.table(), flush=True)
-            if cron is None:
-                return 1 if report.failed else 0
+            return 1 if report.failed else 0
+        serve(scheduler, cron, args.wait_timeout, args.poll)
     except (SchedulerError, TrackingError, CronError) as error:
         log.error("%s", error)
         return 2
+    return 0
+
+
+def serve(scheduler: Scheduler, cron, wait_timeout: float, poll: float, ticks: int | None = None,
+          sleep=time.sleep) -> None:
+    """A tick at every match of `cron`, forever (or `ticks` times). A tick that fails (an outage that
+    outlasted the retries) is logged and the next one starts over: state is in MLflow and Ray."""
+    done = 0
+    while ticks is None or done < ticks:
+        now = datetime.now(timezone.utc)
+        next_tick = cron.next_after(now)
+        log.info("next tick at %s UTC", next_tick.strftime("%Y-%m-%d %H:%M"))
+        sleep((next_tick - now).total_seconds())
+        try:
+            print(scheduler.tick(wait_timeout, poll).table(), flush=True)
+        except SchedulerError as error:
+            log.error("this tick failed, the next one retries: %s", error)
+        done += 1
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -4,6 +4,7 @@ import io
 import json
 import subprocess
 import sys
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -46,7 +47,8 @@ def test_demo_fast_mode_produces_grid_registered_version_and_scores(tmp_path):
 
     client = MlflowClient(f"sqlite:///{tmp_path / 'mlflow.db'}")
     version = client.get_model_version_by_alias(MODEL, "candidate")
-    assert str(version.version) == "1" and version.tags["ddpm.eval.status"] == "succeeded"
-    assert float(version.tags["ddpm.eval.pseudo_fid"]) == pytest.approx(result["pseudo_fid"], abs=1e-9)
-    assert version.tags["ddpm.promotion.decision"].startswith("not promoted: pseudo-FID only")
+    digest = Path(summary["fid_json"]).parent.name.rsplit("-", 1)[1]  # <out-root>/<model>/v1-<spec digest>
+    assert str(version.version) == "1" and version.tags[f"ddpm.eval.{digest}.status"] == "succeeded"
+    assert float(version.tags[f"ddpm.eval.{digest}.pseudo_fid"]) == pytest.approx(result["pseudo_fid"], abs=1e-9)
+    assert version.tags[f"ddpm.promotion.{digest}.decision"].startswith("not promoted: pseudo-FID only")
     assert set(summary["stage_seconds"]) == {"ray", "dataset", "shard", "reference", "train", "baseline", "schedule"}

@@ -88,9 +88,11 @@ def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s
 
     client = MlflowClient(registered["tracking"])
     version = client.get_model_version("ddpm-tiny", registered["version"])
-    assert float(version.tags["pseudo_fid"]) == pytest.approx(result["pseudo_fid"], abs=1e-4)
-    assert version.tags["pseudo_fid_n"] == "20" and version.tags["pseudo_fid_sampler"] == "ddim-4"
-    assert "fid" not in version.tags
+    scores = {k: v for k, v in version.tags.items() if "fid" in k}
+    kind = f"pseudo_fid/ddim-4/n20/seed0/{'bf16' if result['bf16'] else 'fp32'}"  # the default follows the CPU
+    assert list(scores) == [kind]  # keyed by the kind of sample set; never "fid"
+    assert float(scores[kind]) == pytest.approx(result["pseudo_fid"], abs=1e-4)
+    assert result["model_weights_sha256"] == version.tags["ddpm.weights_sha256"]
     runs = client.search_runs([client.get_run(version.run_id).info.experiment_id],
                               filter_string="tags.`ddpm.kind` = 'evaluation'")
     assert len(runs) == 1 and runs[0].data.metrics["pseudo_fid"] == pytest.approx(result["pseudo_fid"])
@@ -178,3 +180,43 @@ def test_progressive_strip_and_interpolation_figures(tmp_path, registered):
     assert pixels.shape == (18 + 2, 7 * 18 + 2, 3)  # source, λ = 0, 1/4, 1/2, 3/4, 1, source
     assert ddpm(["interpolate", "--model", str(tmp_path / "nothing"), "--images", str(tmp_path / "a.png"),
                  str(tmp_path / "b.png"), "--out", str(row)]) == 2
+
+
+def registered_files(registered) -> Path:
+    """Where the version's logged model lies in the (file) artifact store."""
+    uri = MlflowClient(registered["tracking"]).get_model_version_download_uri("ddpm-tiny", registered["version"])
+    return Path(uri.removeprefix("file://"))
+
+
+def test_sampling_reads_the_registered_version_as_data_never_its_code(tmp_path, registered, ray_local):
+    """Someone who can write to the registry replaces the stored pyfunc code: none of it ever runs."""
+    marker = tmp_path / "code-ran"
+    payload = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
+    stored = registered_files(registered)
+    code_files = [stored / "ddpm_model.py", *sorted((stored / "code" / "ddpm_core").glob("*.py"))]
+    assert len(code_files) > 10
+    for file in code_files:
+        file.write_text(payload + file.read_text())
+    out = tmp_path / "samples"
+    assert sample_main(["--model", f"models:/ddpm-tiny/{registered['version']}", "--num", "4", "--features", "none",
+                        *common(registered, out)]) == 0
+    direct = tiny_checkpoint(tmp_path / "same-weights")  # the registered weights, read from the checkpoint
+    assert sample_main(["--model", str(direct), "--num", "4", "--features", "none",
+                        *common(registered, tmp_path / "direct")]) == 0
+    assert tar_pngs(out) == tar_pngs(tmp_path / "direct") and len(tar_pngs(out)) == 4
+    assert not marker.exists()
+
+
+def test_a_registered_file_changed_after_registration_is_refused(tmp_path, registered, caplog):
+    caplog.set_level(logging.ERROR)
+    weights = registered_files(registered) / "artifacts" / "model" / "ema.safetensors"
+    original = weights.read_bytes()
+    other = tiny_checkpoint(tmp_path / "other", seed=5)
+    weights.write_bytes((other / "ema.safetensors").read_bytes())
+    try:
+        expect_one_error(caplog, sample_main, ["--model", "models:/ddpm-tiny@candidate", "--num", "4", "--features",
+                                               "none", *common(registered, tmp_path / "samples")],
+                         "ema.safetensors does not match the sha256 recorded at registration")
+    finally:
+        weights.write_bytes(original)
+    assert not (tmp_path / "samples" / "samples").exists()  # refused before anything was sampled

@@ -6,9 +6,11 @@ operator does for their own conversion of the TF graph. Its scores are therefore
 can promote; the random-init *feature mode* (pseudo-FID) is checked never to promote.
 """
 
+import hashlib
 import json
 import logging
 import os
+import re
 import subprocess
 import sys
 from datetime import datetime
@@ -25,11 +27,12 @@ from ddpm_core.storage import sha256_file
 from pipelines.cron import Cron, CronError
 from pipelines.schedule_sampling import (
     CHAMPION,
-    EVAL,
-    PROMOTION,
     EvalSpec,
+    InvalidResult,
     add_arguments,
     build,
+    check_result,
+    serve,
     submission_id,
     verified_fid,
 )
@@ -40,7 +43,7 @@ from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset
 
 SPEC = EvalSpec(num=16, sampler="ddim", steps=4, eta=0.0, seed=0, ref="/data/fid_stats.npz", features="inception",
-                per_tar=8)
+                per_tar=8, reference_sha256="cd" * 32)
 
 
 def test_cron_expressions():
@@ -66,17 +69,27 @@ def test_submission_ids_are_deterministic_and_name_the_spec():
     assert other.digest != SPEC.digest
 
 
-def test_only_verified_fids_count(monkeypatch):
+def test_only_checked_results_of_the_same_spec_and_verified_weights_count(monkeypatch):
     official = "6726825d0af5f729cebd5821db510b11b1cfad8faad88a03f1befd49fb9129b2"
-    tags = {EVAL + "spec": SPEC.digest, EVAL + "status": "succeeded", EVAL + "fid": "12.5",
-            EVAL + "weights_sha256": official}
-    assert verified_fid(tags, SPEC) == 12.5
-    assert verified_fid({**tags, EVAL + "weights_sha256": "ab" * 32}, SPEC) is None
+    result = {"model": "models:/m/3", "model_weights_sha256": "ee" * 32, "num": 16, "sampler": "ddim", "steps": 4,
+              "eta": 0.0, "seed": 0, "features": "inception", "bf16": False, "reference_sha256": "cd" * 32,
+              "inception_weights_sha256": official, "fid": 12.5}
+    assert verified_fid(check_result(result, "models:/m/3", SPEC, "ee" * 32)) == 12.5
+    for changed, message in (({"model": "models:/m/4"}, "it scores 'models:/m/4'"),
+                             ({"steps": 50}, "its steps is 50, the spec's 4"),
+                             ({"bf16": True}, "its bf16 is True"),
+                             ({"reference_sha256": "ab" * 32}, "its reference_sha256"),  # another reference file
+                             ({"model_weights_sha256": "ff" * 32}, "other weights"),
+                             ({"fid": float("nan")}, "its fid is nan, not a finite number"),
+                             ({"fid": "12.5"}, "its fid is '12.5'")):
+        with pytest.raises(InvalidResult, match=re.escape(message)):
+            check_result({**result, **changed}, "models:/m/3", SPEC, "ee" * 32)
+    other_reference = EvalSpec(**{**SPEC.__dict__, "reference_sha256": "ab" * 32})
+    assert other_reference.digest != SPEC.digest  # never compared: another spec
+    assert verified_fid({**result, "inception_weights_sha256": "ab" * 32}) is None
     monkeypatch.setenv(TRUSTED_ENV, "ab" * 32)
-    assert verified_fid({**tags, EVAL + "weights_sha256": "ab" * 32}, SPEC) == 12.5
-    assert verified_fid({k: v for k, v in tags.items() if k != EVAL + "fid"} | {EVAL + "pseudo_fid": "3"}, SPEC) is None
-    assert verified_fid({**tags, EVAL + "spec": "0123456789"}, SPEC) is None
-    assert verified_fid({**tags, EVAL + "status": "failed"}, SPEC) is None
+    assert verified_fid({**result, "inception_weights_sha256": "ab" * 32}) == 12.5
+    assert verified_fid({k: v for k, v in result.items() if k != "fid"} | {"pseudo_fid": 3.0}) is None
 
 
 @pytest.fixture(scope="module")
@@ -125,8 +138,13 @@ def eval_jobs(world, version: int) -> list[str]:
                   if (j.submission_id or "").startswith(f"ddpm-eval-ddpm-tiny-v{version}-"))
 
 
-def tags(world, version: int) -> dict[str, str]:
-    return world["client"].get_model_version("ddpm-tiny", str(version)).tags
+def tags(world, version: int, spec: EvalSpec | None = None, kind: str = "eval") -> dict[str, str]:
+    """The version's tags; with `spec`, those of its namespace (`ddpm.<kind>.<digest>.`), prefix removed."""
+    found = world["client"].get_model_version("ddpm-tiny", str(version)).tags
+    if spec is None:
+        return found
+    prefix = f"ddpm.{kind}.{spec.digest}."
+    return {k[len(prefix):]: v for k, v in found.items() if k.startswith(prefix)}
 
 
 def champion(world) -> int:
@@ -141,22 +159,23 @@ def test_two_new_versions_two_batches_one_promotion_then_nothing(world):
     assert report.submitted == [submission_id("ddpm-tiny", v, planner.spec, 1) for v in (first, second)]
     fids = {}
     for version in (first, second):
-        t = tags(world, version)
-        assert t[EVAL + "status"] == "succeeded" and t[EVAL + "spec"] == planner.spec.digest
-        assert t[EVAL + "weights_sha256"] == sha256_file(world["weights"])
-        result = json.loads((world["root"] / "evaluations" / "ddpm-tiny" / f"v{version}-{planner.spec.digest}"
-                             / "fid.json").read_bytes())
+        t = tags(world, version, planner.spec)
+        record = (world["root"] / "evaluations" / "ddpm-tiny" / f"v{version}-{planner.spec.digest}" / "fid.json")
+        assert t["status"] == "succeeded" and t["result_sha256"] == hashlib.sha256(record.read_bytes()).hexdigest()
+        result = json.loads(record.read_bytes())
+        assert result["inception_weights_sha256"] == sha256_file(world["weights"])
         assert result["model"] == f"models:/ddpm-tiny/{version}" and result["num"] == 16
-        fids[version] = float(t[EVAL + "fid"])
+        assert result["model_weights_sha256"] == tags(world, version)["ddpm.weights_sha256"]
+        fids[version] = float(t["fid"])
         assert fids[version] == pytest.approx(result["fid"], abs=1e-9) and fids[version] > 0
         assert eval_jobs(world, version) == [submission_id("ddpm-tiny", version, planner.spec, 1)]
     best, other = sorted(fids, key=fids.get)
     assert report.promoted == best and champion(world) == best
-    assert tags(world, best)[PROMOTION + "decision"].startswith("promoted: FID")
-    loser = tags(world, other)
-    assert loser[PROMOTION + "decision"] == (f"not promoted: FID {fids[other]:.4f} >= champion v{best} "
-                                             f"FID {fids[best]:.4f}")
-    assert float(loser[PROMOTION + "fid"]) == fids[other] and float(loser[PROMOTION + "champion_fid"]) == fids[best]
+    assert tags(world, best, planner.spec, "promotion")["decision"].startswith("promoted: FID")
+    loser = tags(world, other, planner.spec, "promotion")
+    assert loser["decision"] == f"not promoted: FID {fids[other]:.4f} >= champion v{best} FID {fids[best]:.4f}"
+    assert float(loser["fid"]) == fids[other] and float(loser["champion_fid"]) == fids[best]
+    assert world["client"].get_registered_model("ddpm-tiny").tags["ddpm.champion_spec"] == planner.spec.digest
 
     again = scheduler(world).tick(poll=1)  # a restarted scheduler: state comes from MLflow and Ray
     assert again.submitted == [] and again.outcomes == {} and again.promoted is None
@@ -173,19 +192,19 @@ def test_a_failed_batch_is_reported_not_promoted_and_retried_next_tick(world):
     (blocked / "samples.json").write_text(json.dumps({"model": "someone else's samples"}))
 
     assert schedule_main(schedule_args(world)) == 1  # the tick reports the failure in its exit status
-    t = tags(world, version)
-    assert t[EVAL + "status"] == "failed" and t[EVAL + "attempts"] == "1"
-    assert "holds samples of another model" in t[EVAL + "error"]
-    assert PROMOTION + "decision" not in t and champion(world) == before
+    t = tags(world, version, planner.spec)
+    assert t["status"] == "failed" and t["attempts"] == "1"
+    assert "holds samples of another model" in t["error"]
+    assert tags(world, version, planner.spec, "promotion") == {} and champion(world) == before
 
     (blocked / "samples.json").unlink()
     report = planner.tick(poll=1)
     retry = submission_id("ddpm-tiny", version, planner.spec, 2)
-    assert report.submitted == [retry] and tags(world, version)[EVAL + "status"] == "succeeded"
+    assert report.submitted == [retry] and tags(world, version, planner.spec)["status"] == "succeeded"
     assert eval_jobs(world, version) == sorted([submission_id("ddpm-tiny", version, planner.spec, 1), retry])
-    scored = {v: float(tags(world, v)[EVAL + "fid"]) for v in range(1, version + 1)}
+    scored = {v: float(tags(world, v, planner.spec)["fid"]) for v in range(1, version + 1)}
     assert champion(world) == min(scored, key=scored.get)
-    assert tags(world, version)[PROMOTION + "decision"].startswith(
+    assert tags(world, version, planner.spec, "promotion")["decision"].startswith(
         "promoted" if champion(world) == version else "not promoted: FID")
 
 
@@ -211,12 +230,19 @@ def test_two_schedulers_started_at_once_submit_each_batch_once(world):
 def test_a_pseudo_fid_is_recorded_but_never_promotes(world):
     candidate = int(world["client"].get_model_version_by_alias("ddpm-tiny", "candidate").version)
     before = champion(world)
-    report = scheduler(world, "--features", "random-init", "--aliases", "candidate").tick(poll=1)
+    first_spec = scheduler(world).spec
+    kept = tags(world, candidate, first_spec)
+    pseudo = scheduler(world, "--features", "random-init", "--aliases", "candidate")
+    report = pseudo.tick(poll=1)
     assert list(report.outcomes) == [candidate] and report.promoted is None
-    t = tags(world, candidate)
-    assert float(t[EVAL + "pseudo_fid"]) > 0 and EVAL + "fid" not in t  # the earlier spec's FID is not kept
-    assert t[PROMOTION + "decision"] == "not promoted: pseudo-FID only (FID needs the verified Inception weights)"
+    t = tags(world, candidate, pseudo.spec)
+    assert float(t["pseudo_fid"]) > 0 and "fid" not in t
+    assert tags(world, candidate, first_spec) == kept  # the other spec's record is untouched
+    # `champion` belongs to the spec that first promoted: another spec records, and never moves it.
+    assert tags(world, candidate, pseudo.spec, "promotion")["decision"] == (
+        f"recorded only: champion is decided under spec {first_spec.digest}, not {pseudo.spec.digest}")
     assert champion(world) == before
+    assert scheduler(world).tick(poll=1).submitted == [] and champion(world) == before  # no flip back and forth
 
 
 @pytest.mark.slow
@@ -235,3 +261,122 @@ def test_bad_inputs_get_one_clear_error(world, caplog, monkeypatch):
     expect_one_error(caplog, schedule_main, [a for a in args if a != "--once"] + ["--cron", "0 25 * * *"],
                      "cron hour field '25'")
     expect_one_error(caplog, schedule_main, [*args, "--max-attempts", "0"], "--max-attempts must be >= 1")
+
+
+def forge(world, version: int, spec: EvalSpec, record: dict, status: str = "succeeded") -> None:
+    """Write what a registry writer without the scheduler could: a fid.json where the scheduler reads it,
+    and the tags that would record it."""
+    out = world["root"] / "evaluations" / "ddpm-tiny" / f"v{version}-{spec.digest}"
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "fid.json").write_text(json.dumps(record))
+    digest = hashlib.sha256((out / "fid.json").read_bytes()).hexdigest()
+    for key, value in {"result_sha256": digest, "fid": record.get("fid", ""), "status": status}.items():
+        world["client"].set_model_version_tag("ddpm-tiny", str(version), f"ddpm.eval.{spec.digest}.{key}", str(value))
+
+
+@pytest.mark.slow
+def test_written_tags_and_forged_or_bad_records_never_promote_and_never_stop_a_tick(world, caplog):
+    caplog.set_level(logging.WARNING, logger="ddpm.schedule")
+    planner = scheduler(world)
+    before = champion(world)
+    real = json.loads((world["root"] / "evaluations" / "ddpm-tiny" / f"v{before}-{planner.spec.digest}"
+                       / "fid.json").read_text())
+    by_hand, copied, nan, bad_counter = (new_version(world, seed) for seed in (11, 12, 13, 14))
+    client = world["client"]
+    # By hand: the tags of a perfect score, old style and namespaced, with no record behind them.
+    for key, value in {"ddpm.eval.status": "succeeded", "ddpm.eval.fid": "0.001", "ddpm.eval.spec": planner.spec.digest,
+                       f"ddpm.eval.{planner.spec.digest}.status": "succeeded",
+                       f"ddpm.eval.{planner.spec.digest}.fid": "0.001"}.items():
+        client.set_model_version_tag("ddpm-tiny", str(by_hand), key, value)
+    forge(world, copied, planner.spec, {**real, "fid": 0.001})  # the champion's record, another version's tags
+    weights = tags(world, nan)["ddpm.weights_sha256"]
+    forge(world, nan, planner.spec, {**real, "model": f"models:/ddpm-tiny/{nan}", "model_weights_sha256": weights,
+                                     "fid": float("nan")})
+    forge(world, bad_counter, planner.spec, {}, status="gave_up")
+    client.set_model_version_tag("ddpm-tiny", str(bad_counter), f"ddpm.eval.{planner.spec.digest}.attempts", "three")
+
+    report = planner.tick(poll=1)
+    assert report.submitted == [] and report.promoted is None and champion(world) == before
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert sum(f"v{by_hand}: its evaluation" in w and "no result was recorded" in w for w in warnings) == 1, warnings
+    assert sum(f"v{copied}: its evaluation" in w and f"it scores 'models:/ddpm-tiny/{before}'" in w
+               for w in warnings) == 1, warnings
+    assert sum(f"v{nan}: its evaluation" in w and "its fid is nan, not a finite number" in w
+               for w in warnings) == 1, warnings
+    assert sum(f"v{bad_counter}: tag ddpm.eval.{planner.spec.digest}.attempts is 'three'" in w
+               for w in warnings) == 1, warnings
+    # A record changed after the scheduler recorded it no longer counts: here it would have won.
+    loser = next(v for v in range(1, before + 3) if v != before and tags(world, v, planner.spec).get("fid"))
+    record = world["root"] / "evaluations" / "ddpm-tiny" / f"v{loser}-{planner.spec.digest}" / "fid.json"
+    saved = record.read_bytes()
+    try:
+        record.write_text(json.dumps({**json.loads(saved), "fid": 1e-6}))
+        caplog.clear()
+        assert planner.tick(poll=1).promoted is None
+        assert sum(f"v{loser}: its evaluation" in r.getMessage() and "changed after it was recorded" in r.getMessage()
+                   for r in caplog.records) == 1
+    finally:
+        record.write_bytes(saved)
+    assert champion(world) == before
+    for version in (by_hand, copied, nan, bad_counter):  # out of the way of the tests that follow
+        client.delete_model_version("ddpm-tiny", str(version))
+
+
+@pytest.mark.slow
+def test_a_result_counts_only_once_recorded_completely(world):
+    """The scheduler stopped between a batch's end and its record: the next tick records it, from fid.json."""
+    planner = scheduler(world)
+    version = champion(world)
+    key = f"ddpm.eval.{planner.spec.digest}."
+    complete = tags(world, version, planner.spec)
+    world["client"].delete_model_version_tag("ddpm-tiny", str(version), key + "result_sha256")
+    world["client"].set_model_version_tag("ddpm-tiny", str(version), key + "status", "submitted")
+    report = planner.tick(poll=1)
+    assert report.submitted == [] and report.outcomes[version].status == "succeeded"
+    assert tags(world, version, planner.spec) == complete and champion(world) == version
+
+
+@pytest.mark.slow
+def test_a_batch_past_its_deadline_is_stopped_and_failed(world):
+    version = new_version(world, 21)
+    planner = scheduler(world, "--deadline", "1", "--max-attempts", "1")
+    report = planner.tick(poll=1)
+    job = submission_id("ddpm-tiny", version, planner.spec, 1)
+    assert report.submitted == [job] and report.outcomes[version].status == "failed"
+    assert "after the deadline of 1 s" in tags(world, version, planner.spec)["error"]
+    assert str(world["jobs"].get_job_status(job)) == "STOPPED"  # ended before it was marked failed
+    assert scheduler(world, "--max-attempts", "1").tick(poll=1).outcomes[version].status == "gave_up"
+    world["client"].delete_model_version("ddpm-tiny", str(version))
+
+
+@pytest.mark.slow
+def test_cron_mode_survives_an_mlflow_outage(tmp_path, world, caplog, capsys, monkeypatch):
+    """An outage longer than the retries fails one tick; the next tick runs as usual."""
+    from tests.mlflow_servers import MlflowServer
+
+    caplog.set_level(logging.INFO, logger="ddpm.schedule")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")  # the scheduler's own retries are under test
+    server = MlflowServer(tmp_path)
+    server.start()
+    try:
+        mlflow.set_tracking_uri(server.uri)  # register() logs through the global tracking URI
+        client = MlflowClient(server.uri)
+        run = client.create_run(client.create_experiment("outage"))
+        register(client, run.info.run_id, tiny_checkpoint(tmp_path / "checkpoint", seed=31), get_preset("tiny"), {})
+        planner = scheduler(world, "--tracking-uri", server.uri, "--aliases", "nobody")  # ticks submit nothing
+        sleeps = []
+
+        def sleep(seconds: float) -> None:  # the cron wait; the outage spans the first tick
+            sleeps.append(seconds)
+            server.stop() if len(sleeps) == 1 else server.start()
+
+        serve(planner, Cron.parse("* * * * *"), wait_timeout=60, poll=1, ticks=2, sleep=sleep)
+        messages = [r.getMessage() for r in caplog.records]
+        assert sum("this tick failed, the next one retries" in m for m in messages) == 1, messages
+        assert len(sleeps) == 2 and all(0 < s <= 60 for s in sleeps)
+        # The second tick ran to its end: its report was printed once.
+        assert capsys.readouterr().out.count("nothing to do: every version is evaluated under this spec") == 1
+        assert [v.version for v in planner.versions()] == ["1"]
+    finally:
+        server.stop()
+        mlflow.set_tracking_uri(world["tracking"])
