@@ -19,20 +19,29 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
     """log p(x) of Eq. 13: a Gaussian integrated over x's bin, the edge bins taking the tails to ±∞.
 
     `x` holds 8-bit images scaled to [-1, 1]. Computed in float64 with the exact normal CDF (the
-    official code uses a tanh approximation of it); elementwise, in nats.
+    official code uses a tanh approximation of it and floors the mass at 1e-12); elementwise, in nats.
+    An interior bin's mass Φ(b) − Φ(a) is taken in log space, log Φ(b) + log(1 − Φ(a)/Φ(b)), on the
+    side of the mean where both CDFs are small (bins above the mean are mirrored: Φ(−a) − Φ(−b)), so a
+    bin 40σ from the mean still gets its true log-mass instead of log 0.
     """
     x, mean, log_scale = (v.to(torch.float64) for v in (x, mean, log_scale))
     inv_std = torch.exp(-log_scale)
     upper = inv_std * (x - mean + BIN_HALF_WIDTH)
     lower = inv_std * (x - mean - BIN_HALF_WIDTH)
-    log_cdf_upper = torch.special.log_ndtr(upper)  # the bottom bin: (-inf, x + 1/255]
-    log_survival_lower = torch.special.log_ndtr(-lower)  # the top bin: [x - 1/255, +inf)
-    bin_mass = torch.special.ndtr(upper) - torch.special.ndtr(lower)
+    above = x > mean
+    log_cdf_high = torch.special.log_ndtr(torch.where(above, -lower, upper))
+    log_cdf_low = torch.special.log_ndtr(torch.where(above, -upper, lower))
+    log_bin_mass = log_cdf_high + _log1mexp(log_cdf_high - log_cdf_low)
     return torch.where(
         x < -0.999,
-        log_cdf_upper,
-        torch.where(x > 0.999, log_survival_lower, torch.log(bin_mass.clamp(min=1e-300))),
+        torch.special.log_ndtr(upper),  # the bottom bin: (-inf, x + 1/255]
+        torch.where(x > 0.999, torch.special.log_ndtr(-lower), log_bin_mass),  # the top bin: [x - 1/255, +inf)
     )
+
+
+def _log1mexp(d: torch.Tensor) -> torch.Tensor:
+    """log(1 − e^−d) for d ≥ 0, accurate at both ends (Mächler 2012, "Accurately computing log(1 − exp(−|a|))")."""
+    return torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
 
 
 def mean_over_pixels(x: torch.Tensor) -> torch.Tensor:
