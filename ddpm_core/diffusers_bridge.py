@@ -3,14 +3,20 @@
 A DDPM-faithful diffusers UNet (the released `google/ddpm-*` layout: `flip_sin_to_cos=False`,
 `freq_shift=1`, `downsample_padding=0`, `norm_eps=1e-6`, `attention_head_dim=None`) has exactly our
 tensors under other names; attention projections are Linear there and 1×1 convolutions here.
-Import is strict (every tensor mapped, none left over); export writes a folder that
-`DDPMPipeline.from_pretrained` loads. Reading and writing use safetensors and JSON only, and this
-module does not need diffusers installed.
+Import is strict (every tensor mapped, none left over) and also reads the folders of diffusers' old
+conversion, as released on the Hub: attention tensors named query/key/value/proj_attn (renamed as
+diffusers' `_fix_state_dict_keys_on_load` does) and weights only in `diffusion_pytorch_model.bin`
+(read with `torch.load(weights_only=True)`; safetensors is preferred when both exist). Export writes a
+folder that `DDPMPipeline.from_pretrained` loads. This module does not need diffusers installed;
+`download_hub` needs huggingface_hub.
 """
 
 from __future__ import annotations
 
 import json
+import logging
+import pickle
+import re
 from dataclasses import replace
 from pathlib import Path
 
@@ -18,10 +24,19 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError, ModelConfig
-from .presets import PRESETS
+from .presets import PRESETS, get_preset
 from .unet import UNet
 
+log = logging.getLogger(__name__)
+
 WEIGHTS = "diffusion_pytorch_model.safetensors"
+LEGACY_WEIGHTS = "diffusion_pytorch_model.bin"
+# diffusers' old attention names (its conversion of the official checkpoints) → the current ones.
+LEGACY_ATTENTION = {"query": "to_q", "key": "to_k", "value": "to_v", "proj_attn": "to_out.0"}
+_LEGACY_KEY = re.compile(r"^(.*\.attentions\.\d+)\.(query|key|value|proj_attn)\.(weight|bias)$")
+# The released google/ddpm-* models by dataset: what --dataset and a folder's name select.
+DATASET_PRESETS = {"cifar10": "cifar10", "church": "lsun_church256", "bedroom": "lsun_bedroom256",
+                   "cat": "lsun_cat256", "celebahq": "celebahq256"}
 RESNET = {"norm1": "norm1", "conv1": "conv1", "temb_proj": "time_emb_proj", "norm2": "norm2", "conv2": "conv2",
           "nin_shortcut": "conv_shortcut"}
 ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_out": "to_out.0"}
@@ -82,6 +97,18 @@ def to_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[st
     return out
 
 
+def modern_attention_names(state: dict[str, torch.Tensor], name: str) -> dict[str, torch.Tensor]:
+    """The legacy query/key/value/proj_attn tensors under their current names (group_norm is unchanged)."""
+    out = {}
+    for key, tensor in state.items():
+        match = _LEGACY_KEY.match(key)
+        new = f"{match[1]}.{LEGACY_ATTENTION[match[2]]}.{match[3]}" if match else key
+        if new in out or (match and new in state):
+            raise BridgeError(f"{name} holds {new} under both its legacy and its current name")
+        out[new] = tensor
+    return out
+
+
 def from_diffusers(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
     """Strict: every diffusers tensor must be mapped and every one of ours found."""
     mapping = key_map(config)
@@ -131,31 +158,98 @@ def model_config_from_diffusers(data: dict, name: str) -> ModelConfig:
         raise BridgeError(f"{name}: {error}") from None
 
 
-def matching_preset(model: ModelConfig, variance: str | None) -> Config:
-    """The preset with this architecture (and variance, when known); dropout is a training setting."""
-    for preset in PRESETS.values():
-        if replace(preset.model, dropout=model.dropout) == model and variance in (None, preset.diffusion.variance):
-            return replace(preset, model=model)
-    raise BridgeError(f"no preset has this architecture ({model}); add one or pass overrides")
+def matching_preset(model: ModelConfig, variance: str | None, preset: str | None = None,
+                    name: str = "") -> Config:
+    """The preset of an imported model: `preset` when given, else the one preset with this architecture
+    (and variance, when known); several (the 256² datasets share one) are told apart by a dataset in `name`.
+    Dropout is a training setting and is not compared."""
+    if preset is not None:
+        try:
+            config = get_preset(preset)
+        except ConfigError as error:
+            raise BridgeError(f"--preset: {error}") from None
+        if replace(config.model, dropout=model.dropout) != model:
+            raise BridgeError(f"{name or 'the model'} does not have preset {preset}'s architecture: "
+                              f"{model} vs {config.model}")
+        if variance not in (None, config.diffusion.variance):
+            log.warning("%s: its scheduler says %s, preset %s uses %s (the preset wins)", name, variance, preset,
+                        config.diffusion.variance)
+        return replace(config, model=model)
+    fits = [p for p in PRESETS.values()
+            if replace(p.model, dropout=model.dropout) == model and variance in (None, p.diffusion.variance)]
+    if not fits:
+        raise BridgeError(f"no preset has this architecture ({model}); add one or pass overrides")
+    named = [p for p in fits if p.preset in {DATASET_PRESETS.get(t) for t in re.split(r"[^a-z0-9]+", name.lower())}]
+    if len(fits) == 1 or len(named) == 1:
+        return replace((named or fits)[0], model=model)
+    raise BridgeError(f"{name or 'the model'} fits presets {', '.join(p.preset for p in fits)}: say which with "
+                      f"--preset, or --dataset {'|'.join(DATASET_PRESETS)}")
 
 
-def import_folder(path: str | Path) -> tuple[UNet, Config]:
-    """A diffusers pipeline folder (unet/ + scheduler/) or a bare UNet2DModel folder → our model and Config."""
+def read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
+    """diffusion_pytorch_model.safetensors, else the .bin of the old releases (tensors only, nothing run)."""
+    if (unet_dir / WEIGHTS).is_file():
+        return load_file(str(unet_dir / WEIGHTS))
+    file = unet_dir / LEGACY_WEIGHTS
+    try:
+        state = torch.load(file, map_location="cpu", weights_only=True)
+    except (pickle.UnpicklingError, RuntimeError, EOFError) as error:
+        raise BridgeError(f"{file} is not a plain state_dict of tensors (refusing to unpickle it): "
+                          f"{str(error).splitlines()[0]}") from None
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise BridgeError(f"{file} is not a state_dict of tensors")
+    return state
+
+
+def import_folder(path: str | Path, preset: str | None = None, name: str | None = None) -> tuple[UNet, Config]:
+    """A diffusers pipeline folder (unet/ + scheduler/) or a bare UNet2DModel folder → our model and Config.
+
+    `preset` names the preset to register it under (and its variance); without it the preset is read
+    from the architecture, the scheduler's variance and a dataset in `name` (default: the folder's name
+    and the config's `_name_or_path`), e.g. google/ddpm-church-256 → lsun_church256.
+    """
     root = Path(path)
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
-    if not (unet_dir / "config.json").is_file() or not (unet_dir / WEIGHTS).is_file():
-        raise BridgeError(f"{root} is not a diffusers folder: expected config.json and {WEIGHTS} "
+    if not (unet_dir / "config.json").is_file() or not any((unet_dir / w).is_file() for w in (WEIGHTS, LEGACY_WEIGHTS)):
+        raise BridgeError(f"{root} is not a diffusers folder: expected config.json and {WEIGHTS} or {LEGACY_WEIGHTS} "
                           "(or unet/ holding them)")
-    model_config = model_config_from_diffusers(json.loads((unet_dir / "config.json").read_text()), str(unet_dir))
+    data = json.loads((unet_dir / "config.json").read_text())
+    model_config = model_config_from_diffusers(data, str(unet_dir))
     variance = None
     scheduler = root / "scheduler" / "scheduler_config.json"
     if scheduler.is_file():
         variance = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall"}.get(
             json.loads(scheduler.read_text()).get("variance_type"))
-    config = matching_preset(model_config, variance)
+    name = name or f"{root.resolve().name} {data.get('_name_or_path', '')}".strip()
+    config = matching_preset(model_config, variance, preset, name)
     model = UNet(config.model)
-    model.load_state_dict(from_diffusers(load_file(str(unet_dir / WEIGHTS)), config.model))
+    state = modern_attention_names(read_weights(unet_dir), str(unet_dir))
+    model.load_state_dict(from_diffusers(state, config.model))
     return model.eval(), config
+
+
+def download_hub(repo_id: str, revision: str | None = None) -> Path:
+    """The files of a Hub repo that `import_folder` reads, through huggingface_hub's cache (HF_HOME,
+    HF_ENDPOINT, HF_HUB_OFFLINE apply); the .bin only when there is no safetensors. Returns the snapshot
+    folder, named by the commit it resolved to."""
+    try:
+        from huggingface_hub import snapshot_download
+        from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError
+    except ImportError:
+        raise BridgeError("--hub needs huggingface_hub: pip install huggingface_hub "
+                          "(or ddpm-ray[diffusers])") from None
+    configs = ["model_index.json", "scheduler/scheduler_config.json", "config.json", "unet/config.json"]
+    try:
+        folder = Path(snapshot_download(repo_id, revision=revision,
+                                        allow_patterns=[*configs, WEIGHTS, f"unet/{WEIGHTS}"]))
+        unet_dir = folder / "unet" if (folder / "unet" / "config.json").is_file() else folder
+        if not (unet_dir / WEIGHTS).is_file():
+            folder = Path(snapshot_download(repo_id, revision=folder.name,
+                                            allow_patterns=[LEGACY_WEIGHTS, f"unet/{LEGACY_WEIGHTS}"]))
+    except (HfHubHTTPError, LocalEntryNotFoundError, ValueError) as error:
+        raise BridgeError(f"cannot download {repo_id}@{revision or 'main'} from the Hub: "
+                          f"{str(error).strip().splitlines()[0]}") from None
+    return folder
 
 
 def export_folder(model: UNet, config: Config, path: str | Path) -> Path:

@@ -40,7 +40,7 @@ def discretized_gaussian_log_likelihood(x: torch.Tensor, mean: torch.Tensor, log
 
 
 def _log1mexp(d: torch.Tensor) -> torch.Tensor:
-    """log(1 − e^−d) for d ≥ 0, accurate at both ends (Mächler 2012, "Accurately computing log(1 − exp(−|a|))")."""
+    """log(1 − e^−d) for d ≥ 0, accurate at both ends (Mächler 2012: expm1 below ln 2, log1p above)."""
     return torch.where(d < math.log(2.0), torch.log(-torch.expm1(-d)), torch.log1p(-torch.exp(-d)))
 
 

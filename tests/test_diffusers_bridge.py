@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import torch
 
-from ddpm_core.diffusers_bridge import BridgeError, diffusers_config, export_folder, import_folder
+from ddpm_core.diffusers_bridge import BridgeError, diffusers_config, export_folder, import_folder, matching_preset
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.presets import get_preset
 from ddpm_core.unet import UNet
@@ -107,3 +107,82 @@ def test_convert_import_registers_and_export_round_trips(tmp_path):
                  "--tracking-uri", tracking]) == 0
     back = diffusers.UNet2DModel.from_pretrained(tmp_path / "out" / "unet")
     assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), back.state_dict().values()))
+
+
+def legacy_folder(theirs, folder, *, safetensors_too=False):
+    """The layout of diffusers' old conversion (the released google/ddpm-* folders): query/key/value/proj_attn
+    attention names, weights in diffusion_pytorch_model.bin."""
+    theirs.save_pretrained(folder)
+    state = theirs.state_dict()
+    renamed = {}
+    for key, tensor in state.items():
+        for new, old in (("to_q", "query"), ("to_k", "key"), ("to_v", "value"), ("to_out.0", "proj_attn")):
+            key = key.replace(f".{new}.", f".{old}.") if ".attentions." in key else key
+        renamed[key] = tensor.clone()
+    assert sum(".proj_attn." in k for k in renamed) == 2 * sum(".to_out.0.weight" in k for k in state)
+    torch.save(renamed, folder / "diffusion_pytorch_model.bin")
+    if not safetensors_too:
+        (folder / "diffusion_pytorch_model.safetensors").unlink()
+    return folder
+
+
+def test_the_released_legacy_layout_imports_to_what_diffusers_itself_loads(tmp_path):
+    theirs = random_diffusers_unet("tiny", seed=7)
+    legacy = legacy_folder(theirs, tmp_path / "ddpm-legacy")
+    reloaded = diffusers.UNet2DModel.from_pretrained(legacy)  # diffusers' own renaming of the old names
+    assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), reloaded.state_dict().values()))
+    ours, config = import_folder(legacy)
+    theirs.save_pretrained(tmp_path / "modern")
+    modern, _ = import_folder(tmp_path / "modern")
+    assert config.preset == "tiny"
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), modern.state_dict().values()))
+
+
+def test_safetensors_is_preferred_over_the_bin_and_a_pickle_with_code_is_refused(tmp_path):
+    folder = legacy_folder(random_diffusers_unet("tiny", seed=1), tmp_path / "both", safetensors_too=True)
+    other = random_diffusers_unet("tiny", seed=2)
+    other.save_pretrained(tmp_path / "other")
+    (folder / "diffusion_pytorch_model.safetensors").write_bytes(
+        (tmp_path / "other" / "diffusion_pytorch_model.safetensors").read_bytes())
+    ours, _ = import_folder(folder)
+    expected, _ = import_folder(tmp_path / "other")
+    assert all(torch.equal(a, b) for a, b in zip(ours.state_dict().values(), expected.state_dict().values()))
+    (folder / "diffusion_pytorch_model.safetensors").unlink()
+    torch.save({"x": torch.zeros(1), "code": print}, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(BridgeError, match=r"diffusion_pytorch_model.bin is not a plain state_dict of tensors"):
+        import_folder(folder)
+
+
+def test_a_tensor_under_both_its_legacy_and_current_name_is_refused(tmp_path):
+    folder = legacy_folder(random_diffusers_unet("tiny", seed=3), tmp_path / "dup")
+    state = torch.load(folder / "diffusion_pytorch_model.bin", weights_only=True)
+    key = next(k for k in state if k.endswith(".query.weight"))
+    state[key.replace(".query.", ".to_q.")] = state[key].clone()
+    torch.save(state, folder / "diffusion_pytorch_model.bin")
+    with pytest.raises(BridgeError, match=r"holds .*\.to_q\.weight under both its legacy and its current name"):
+        import_folder(folder)
+
+
+@pytest.mark.parametrize("name, variance, expected", [
+    ("google/ddpm-church-256", "fixedsmall", "lsun_church256"),
+    ("ddpm-ema-bedroom-256", None, "lsun_bedroom256"),
+    ("google/ddpm-cat-256", "fixedsmall", "lsun_cat256"),
+    ("google/ddpm-celebahq-256", None, "celebahq256"),
+])
+def test_a_256_model_is_registered_under_its_dataset_read_from_the_name(name, variance, expected):
+    model = get_preset("celebahq256").model
+    assert matching_preset(model, variance, name=name).preset == expected
+
+
+def test_an_unnamed_256_model_asks_for_its_dataset_and_an_explicit_preset_wins():
+    model = get_preset("celebahq256").model
+    with pytest.raises(BridgeError, match=r"my-model fits presets celebahq256, lsun_bedroom256, lsun_church256, "
+                                          r"lsun_cat256: say which with --preset, or --dataset cifar10\|church"):
+        matching_preset(model, "fixedsmall", name="my-model")
+    chosen = matching_preset(model, None, "lsun_cat256", name="google/ddpm-church-256")
+    assert chosen.preset == "lsun_cat256" and chosen.diffusion.variance == "fixedsmall"
+    with pytest.raises(BridgeError, match=r"m does not have preset cifar10's architecture"):
+        matching_preset(model, None, "cifar10", name="m")
+    with pytest.raises(BridgeError, match=r"--preset: unknown preset 'church'"):
+        matching_preset(model, None, "church", name="m")
+    assert matching_preset(get_preset("cifar10").model, None, name="anything").preset == "cifar10"

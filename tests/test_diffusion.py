@@ -127,8 +127,8 @@ def test_discretised_decoder_integrates_to_one_over_256_bins(mean, scale):
 
 def _reference_log_likelihood(x: float, mean: float, scale: float) -> float:
     """Eq. 13 in 50-digit arithmetic (mpmath), rounded to float64. A bin's mass is ½[erfc(a/√2) − erfc(b/√2)]
-    above the mean and ½[erfc(−b/√2) − erfc(−a/√2)] below it (two small numbers subtracted, never two near 1);
-    a mass near 1 is log1p of minus the other bins' mass."""
+    above the mean and ½[erfc(−b/√2) − erfc(−a/√2)] below it (two small numbers subtracted, never two
+    near 1); a mass near 1 is log1p of minus the other bins' mass."""
     import mpmath
 
     with mpmath.workdps(50):
@@ -254,12 +254,12 @@ def test_ddim_eta_zero_is_deterministic_given_x_T_and_a_subset_of_steps_samples_
     assert first.std().item() == pytest.approx(0.25, rel=0.05)
 
 
-def test_ddim_timesteps_cover_both_ends():
-    assert LARGE.ddim_timesteps(1000) == list(range(1000))
-    steps = LARGE.ddim_timesteps(50)
+def test_ddim_linspace_timesteps_cover_both_ends():
+    assert LARGE.sampling_timesteps(1000) == list(range(1000))
+    steps = LARGE.sampling_timesteps(50)
     assert len(steps) == 50 and steps[0] == 0 and steps[-1] == 999
-    with pytest.raises(ValueError, match="DDIM steps must be in 1..1000, got 0"):
-        LARGE.ddim_timesteps(0)
+    with pytest.raises(ValueError, match="sampling steps must be in 1..1000, got 0"):
+        LARGE.sampling_timesteps(0)
 
 
 def test_a_sample_depends_only_on_its_own_seed():
