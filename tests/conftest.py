@@ -77,31 +77,9 @@ def ray_head(tmp_path_factory, s3_endpoint):
 @pytest.fixture(scope="session")
 def mlflow_server(tmp_path_factory):
     """`mlflow server` on 127.0.0.1 (SQLite backend, proxied local artifacts): many writers at once are safe."""
-    import subprocess
-    import sys
-    import urllib.request
-    from pathlib import Path
+    from tests.mlflow_servers import MlflowServer
 
-    from pipelines.ray_runtime import free_port
-
-    root = tmp_path_factory.mktemp("mlflow-server")
-    port = free_port()
-    server = subprocess.Popen(
-        [str(Path(sys.executable).parent / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
-         "--workers", "1"],
-        stdout=open(root / "server.log", "wb"), stderr=subprocess.STDOUT)
-    uri = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"{uri}/health", timeout=2)
-            break
-        except OSError:
-            if server.poll() is not None or time.monotonic() > deadline:
-                server.kill()
-                raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-2000:]}")
-            time.sleep(1)
-    yield uri
-    server.terminate()
-    server.wait(30)
+    server = MlflowServer(tmp_path_factory.mktemp("mlflow-server"))
+    server.start()
+    yield server.uri
+    server.stop()

@@ -20,6 +20,19 @@ from pipelines.ray_runtime import free_port
 LOG_BATCH = "/api/2.0/mlflow/runs/log-batch"
 
 
+def wait_until_healthy(uri: str, process: subprocess.Popen, log: Path, timeout: float) -> None:
+    """Return once the MLflow server at `uri` answers /health; RuntimeError with its log's tail if it exits first."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            urllib.request.urlopen(f"{uri}/health", timeout=2)
+            return
+        except OSError:
+            if process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"mlflow server did not start: {log.read_text()[-3000:]}") from None
+            time.sleep(0.5)
+
+
 class MlflowServer:
     """`mlflow server` on 127.0.0.1 with a SQLite store; `stop` and `start` keep the port and the store."""
 
@@ -37,16 +50,11 @@ class MlflowServer:
              "--backend-store-uri", f"sqlite:///{self.root / 'mlflow.db'}",
              "--artifacts-destination", str(self.root / "artifacts"), "--workers", "1"],
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"mlflow server did not start: {(self.root / 'server.log').read_text()[-2000:]}")
-                time.sleep(0.5)
+        try:
+            wait_until_healthy(self.uri, self.process, self.root / "server.log", timeout)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def stop(self) -> None:
         """End the server; returns once its port refuses connections."""

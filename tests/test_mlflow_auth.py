@@ -12,7 +12,6 @@ import signal
 import stat
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -31,6 +30,7 @@ from tests.test_infra import (
     secret_ref,
     the,
 )
+from tests.mlflow_servers import wait_until_healthy
 
 SERVICE_USER = "ddpm-jobs"
 
@@ -118,16 +118,11 @@ class AuthServer:
         # Its own session: stop() ends the server and its workers, nothing else.
         self.process = subprocess.Popen(command, env={**bare_env(), **env}, stdout=open(root / "server.log", "wb"),
                                         stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + 150
-        while True:
-            try:
-                urllib.request.urlopen(f"{self.uri}/health", timeout=2)
-                return
-            except OSError:
-                if self.process.poll() is not None or time.monotonic() > deadline:
-                    self.stop()
-                    raise RuntimeError(f"mlflow server did not start: {(root / 'server.log').read_text()[-3000:]}")
-                time.sleep(0.5)
+        try:
+            wait_until_healthy(self.uri, self.process, root / "server.log", timeout=150)
+        except RuntimeError:
+            self.stop()
+            raise
 
     def credentials(self, kind: str, name: str) -> dict[str, str]:
         """MLFLOW_TRACKING_USERNAME/PASSWORD as the manifest's container `name` of `kind` gets them."""
