@@ -3,12 +3,19 @@
 The layers and the TF1-exact bilinear resize to 299 are torch-fidelity's (a well-kept PyTorch
 port of the TF graph). What is ours: the weights are only ever loaded from a local file whose
 sha256 is on the accepted list, with `torch.load(weights_only=True)` (torch-fidelity's own loader
-unpickles and downloads), and a seeded random-init variant for development ("pseudo-FID").
+unpickles), and a seeded random-init variant for development ("pseudo-FID"). On first use the
+file is fetched from pytorch-fid's release into the cache and verified before it is kept, as
+pytorch-fid and torch-fidelity do (they do not check the hash); DDPM_INCEPTION_DOWNLOAD=0 turns
+that off for air-gapped clusters, and `ddpm fetch-weights` pre-seeds an image.
 """
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import os
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 import torch
@@ -39,6 +46,12 @@ TRUSTED_ENV = "DDPM_INCEPTION_TRUSTED_SHA256"
 CACHE_DIR = Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm-ray")) / "inception"
 FILE_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299
+# Where the file is published (shared/reference/data_and_fid.md); DDPM_INCEPTION_URL names a mirror.
+WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FILE_NAMES[0]}"
+URL_ENV = "DDPM_INCEPTION_URL"
+DOWNLOAD_ENV = "DDPM_INCEPTION_DOWNLOAD"  # "0": never download (air-gapped clusters)
+
+log = logging.getLogger(__name__)
 
 
 class InceptionWeightsError(ValueError):
@@ -52,24 +65,61 @@ def accepted_weights() -> set[str]:
 
 
 def find_weights(path: str | os.PathLike | None = None) -> Path:
-    """--inception-weights, else $DDPM_INCEPTION_WEIGHTS, else the cache folder; verified by sha256."""
+    """--inception-weights, else $DDPM_INCEPTION_WEIGHTS, else the cache folder (fetched into it on
+    first use unless DDPM_INCEPTION_DOWNLOAD=0); verified by sha256."""
     candidates = [Path(path)] if path else []
     if not candidates and os.environ.get(WEIGHTS_ENV):
         candidates = [Path(os.environ[WEIGHTS_ENV])]
+    named = bool(candidates)
     if not candidates:
         candidates = [CACHE_DIR / name for name in FILE_NAMES]
     found = next((c for c in candidates if c.is_file()), None)
+    if found is None and not named and os.environ.get(DOWNLOAD_ENV, "1") != "0":
+        return fetch_weights()
     if found is None:
         raise InceptionWeightsError(
             f"no Inception weights for FID: looked at {', '.join(str(c) for c in candidates)}. Put the FID "
             f"Inception state_dict ({FILE_NAMES[0]}, sha256 {next(iter(ACCEPTED_WEIGHTS))}) there, or pass "
-            f"--inception-weights PATH / set {WEIGHTS_ENV}; nothing is downloaded. For development only, "
-            "--features random-init gives a pseudo-FID.")
+            f"--inception-weights PATH / set {WEIGHTS_ENV}"
+            f"{'' if named else f'; downloading is off ({DOWNLOAD_ENV}=0), `ddpm fetch-weights` fetches it'}. "
+            "For development only, --features random-init gives a pseudo-FID.")
     digest = sha256_file(found)
     if digest not in accepted_weights():
         raise InceptionWeightsError(f"Inception weights {found} have sha256 {digest}, which is not the FID network "
                                     f"(accepted: {', '.join(sorted(accepted_weights()))}; see {TRUSTED_ENV})")
     return found
+
+
+def fetch_weights(url: str | None = None) -> Path:
+    """Download the FID weights (from `url`, else $DDPM_INCEPTION_URL, else WEIGHTS_URL) into the cache.
+
+    The bytes are hashed as they arrive; a file whose sha256 is not accepted is deleted and refused, so
+    nothing unverified is ever left where `find_weights` looks.
+    """
+    url = url or os.environ.get(URL_ENV) or WEIGHTS_URL
+    final = CACHE_DIR / FILE_NAMES[0]
+    partial = final.with_name(final.name + ".partial")
+    CACHE_DIR.mkdir(parents=True, exist_ok=True)
+    log.info("fetching the FID Inception weights from %s into %s", url, CACHE_DIR)
+    digest = hashlib.sha256()
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+            for block in iter(lambda: response.read(1 << 20), b""):
+                digest.update(block)
+                out.write(block)
+    except (urllib.error.URLError, OSError, ValueError) as error:
+        partial.unlink(missing_ok=True)
+        raise InceptionWeightsError(
+            f"no Inception weights for FID: downloading {url} failed ({error}). Put {FILE_NAMES[0]} "
+            f"(sha256 {next(iter(ACCEPTED_WEIGHTS))}) in {CACHE_DIR}, or pass --inception-weights PATH / set "
+            f"{WEIGHTS_ENV}; {DOWNLOAD_ENV}=0 turns downloading off") from None
+    if digest.hexdigest() not in accepted_weights():
+        partial.unlink()
+        raise InceptionWeightsError(f"the file downloaded from {url} has sha256 {digest.hexdigest()}, which is not "
+                                    f"the FID network (accepted: {', '.join(sorted(accepted_weights()))}); "
+                                    "deleted it, refusing to use it")
+    os.replace(partial, final)
+    return final
 
 
 class FIDInception(nn.Module):

@@ -54,6 +54,17 @@ def run_sample(args: argparse.Namespace) -> int:
     return sample_fid.run(args)
 
 
+def run_fetch_weights(args: argparse.Namespace) -> int:
+    from ddpm_core.inception import InceptionWeightsError, fetch_weights
+
+    try:
+        print(fetch_weights(args.url))
+    except InceptionWeightsError as error:
+        print(f"error: {error}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -110,6 +121,13 @@ def build_parser() -> argparse.ArgumentParser:
                                   description="Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).")
     convert.add_arguments(bridge)
     bridge.set_defaults(run=convert.run)
+
+    fetch = commands.add_parser(
+        "fetch-weights", help="download the FID Inception weights into the cache, verified by sha256",
+        description="Pre-seed the cache (DDPM_CACHE, default ~/.cache/ddpm-ray) with the FID Inception "
+                    "weights, e.g. while building an image for an air-gapped cluster (DDPM_INCEPTION_DOWNLOAD=0).")
+    fetch.add_argument("--url", default=None, help="a mirror (default: DDPM_INCEPTION_URL, else pytorch-fid's release)")
+    fetch.set_defaults(run=run_fetch_weights)
     return parser
 
 

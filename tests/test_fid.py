@@ -1,5 +1,8 @@
+import hashlib
+import http.server
 import io
 import os
+import threading
 from pathlib import Path
 
 import numpy as np
@@ -8,7 +11,14 @@ import scipy.linalg
 import torch
 
 from ddpm_core.fid import FeatureStats, ScoreStats, StatsError, frechet_distance, load_reference, save_reference
-from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights
+from ddpm_core.inception import (
+    DOWNLOAD_ENV,
+    TRUSTED_ENV,
+    URL_ENV,
+    FIDInception,
+    InceptionWeightsError,
+    find_weights,
+)
 
 
 def random_spd(rng, d):
@@ -112,13 +122,77 @@ def test_random_init_is_deterministic_and_leaves_the_global_rng_alone():
 
 def test_missing_or_wrong_weights_get_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv(DOWNLOAD_ENV, "0")
     monkeypatch.setattr("ddpm_core.inception.CACHE_DIR", tmp_path / "cache")
-    with pytest.raises(InceptionWeightsError, match=r"no Inception weights for FID: looked at .*cache.*Put the FID"):
+    with pytest.raises(InceptionWeightsError, match=r"no Inception weights for FID: looked at .*cache.*Put the FID.*"
+                                                    r"downloading is off \(DDPM_INCEPTION_DOWNLOAD=0\)"):
         find_weights()
     fake = tmp_path / "inception.pth"
     torch.save(FIDInception.random_init(0).state_dict(), fake)
     with pytest.raises(InceptionWeightsError, match=r"have sha256 [0-9a-f]{64}, which is not the FID network"):
         FIDInception.from_weights(fake)
+
+
+@pytest.fixture
+def weights_server(tmp_path, monkeypatch):
+    """A local HTTP server publishing one file; returns (url, the bytes it serves, the paths requested)."""
+    body, requested = os.urandom(4096), []
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):  # noqa: N802 - the http.server API
+            requested.append(self.path)
+            self.send_response(200)
+            self.send_header("Content-Length", str(len(body)))
+            self.end_headers()
+            self.wfile.write(body)
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.delenv(DOWNLOAD_ENV, raising=False)
+    monkeypatch.setattr("ddpm_core.inception.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv(URL_ENV, f"http://127.0.0.1:{server.server_port}/fid_weights/pt_inception.pth")
+    yield os.environ[URL_ENV], body, requested
+    server.shutdown()
+    server.server_close()
+
+
+def test_weights_are_fetched_on_first_use_verified_and_then_read_from_the_cache(weights_server, tmp_path,
+                                                                                 monkeypatch):
+    url, body, requested = weights_server
+    monkeypatch.setenv(TRUSTED_ENV, hashlib.sha256(body).hexdigest())  # the served file stands in for the real one
+    found = find_weights()
+    assert found == tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth" and found.read_bytes() == body
+    assert find_weights() == found and requested == ["/fid_weights/pt_inception.pth"]  # once only
+
+
+def test_a_download_with_the_wrong_sha256_is_deleted_and_refused(weights_server, tmp_path):
+    url, body, requested = weights_server
+    with pytest.raises(InceptionWeightsError, match=rf"downloaded from {url} has sha256 "
+                                                    rf"{hashlib.sha256(body).hexdigest()}, which is not the FID "
+                                                    r"network .*deleted it, refusing to use it"):
+        find_weights()
+    assert requested and list((tmp_path / "cache").iterdir()) == []
+
+
+def test_opting_out_downloads_nothing_and_fetch_weights_preseeds_the_cache(weights_server, tmp_path, monkeypatch,
+                                                                           capsys):
+    from pipelines.cli import main as ddpm
+
+    url, body, requested = weights_server
+    monkeypatch.setenv(DOWNLOAD_ENV, "0")
+    with pytest.raises(InceptionWeightsError, match="downloading is off"):
+        find_weights()
+    assert requested == []
+    monkeypatch.setenv(TRUSTED_ENV, hashlib.sha256(body).hexdigest())
+    monkeypatch.delenv(URL_ENV)
+    assert ddpm(["fetch-weights", "--url", url]) == 0
+    cached = tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"
+    assert cached.read_bytes() == body and str(cached) in capsys.readouterr().out
+    assert find_weights() == cached and len(requested) == 1
 
 
 WEIGHTS = os.environ.get("DDPM_INCEPTION_WEIGHTS")
