@@ -7,6 +7,12 @@
 
 A directory is written under a temporary name and renamed when complete, so a crash never leaves
 a checkpoint that looks finished but is not.
+
+A model folder is what every command takes in place of a checkpoint (and what an import writes):
+
+    config.json             the resolved Config
+    ema.safetensors         the weights
+    ema.safetensors.sha256  their sha256, in `sha256sum` format; written last
 """
 
 from __future__ import annotations
@@ -23,9 +29,11 @@ from torch import nn
 
 from .config import Config
 from .ema import EMA
+from .storage import sha256_file
 from .unet import UNet
 
 MODEL, EMA_WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "ema.safetensors", "optimizer.pt", "state.json"
+CONFIG, WEIGHTS_SHA256 = "config.json", "ema.safetensors.sha256"
 
 
 class CheckpointError(ValueError):
@@ -104,3 +112,36 @@ def load_ema_unet(directory: str | os.PathLike, weights: str = EMA_WEIGHTS) -> t
     model = UNet(config.model)
     _load_weights(model, path / weights)
     return model.eval(), config
+
+
+def seal_model_folder(directory: str | os.PathLike) -> str:
+    """Record the sha256 of a folder's ema.safetensors next to it (the last file of a model folder)."""
+    path = Path(directory)
+    digest = sha256_file(path / EMA_WEIGHTS)
+    (path / WEIGHTS_SHA256).write_text(f"{digest}  {EMA_WEIGHTS}\n")
+    return digest
+
+
+def save_model_folder(directory: str | os.PathLike, model: nn.Module, config: Config) -> Path:
+    """Write a model folder: config.json, ema.safetensors and, last, ema.safetensors.sha256."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WEIGHTS_SHA256).unlink(missing_ok=True)
+    save_file(_state_dict(model), str(path / EMA_WEIGHTS))
+    (path / CONFIG).write_text(config.to_json())
+    seal_model_folder(path)
+    return path
+
+
+def verify_model_folder(directory: str | os.PathLike) -> str:
+    """The sha256 of a model folder's weights, checked against the one recorded in it."""
+    path = Path(directory)
+    missing = [name for name in (CONFIG, EMA_WEIGHTS, WEIGHTS_SHA256) if not (path / name).is_file()]
+    if missing:
+        raise CheckpointError(f"model folder {path} is incomplete: missing {', '.join(missing)}")
+    recorded = ((path / WEIGHTS_SHA256).read_text().split() or [""])[0]
+    found = sha256_file(path / EMA_WEIGHTS)
+    if found != recorded:
+        raise CheckpointError(f"model folder {path}: {EMA_WEIGHTS} has sha256 {found}, not the {recorded or 'nothing'} "
+                              f"recorded in {WEIGHTS_SHA256}; refusing to use it")
+    return found

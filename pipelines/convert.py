@@ -1,7 +1,12 @@
 """`ddpm convert`: diffusers folders in (optionally registered in MLflow) and out.
 
-    ddpm convert import --folder /models/ddpm-cifar10-32 --register          # → ddpm-cifar10, alias candidate
+    ddpm convert import --hub google/ddpm-cifar10-32 --out models/cifar10 --register   # → ddpm-cifar10, candidate
+    ddpm convert import --folder /models/ddpm-bedroom-256 --dataset bedroom --out models/bedroom
+    ddpm convert register --model models/bedroom                                       # a model folder or checkpoint
     ddpm convert export --model models:/ddpm-cifar10@champion --out /models/ours-diffusers
+
+`--out` writes a model folder (config.json, ema.safetensors, ema.safetensors.sha256), which sample,
+fid, export and register take wherever they take a checkpoint.
 """
 
 from __future__ import annotations
@@ -11,10 +16,9 @@ import logging
 import tempfile
 from pathlib import Path
 
-from safetensors.torch import save_file
-
-from ddpm_core.checkpoint import EMA_WEIGHTS, CheckpointError
-from ddpm_core.diffusers_bridge import BridgeError, export_folder, import_folder
+from ddpm_core.checkpoint import CheckpointError, save_model_folder
+from ddpm_core.diffusers_bridge import DATASET_PRESETS, BridgeError, download_hub, export_folder, import_folder
+from ddpm_core.presets import PRESETS
 from ddpm_core.sampling import SamplesError
 
 log = logging.getLogger("ddpm.convert")
@@ -22,13 +26,24 @@ log = logging.getLogger("ddpm.convert")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-    imports = direction.add_parser("import", help="a diffusers folder → our model (and the MLflow registry)")
-    imports.add_argument("--folder", required=True, help="DDPMPipeline folder (unet/, scheduler/) or UNet2DModel")
+    imports = direction.add_parser("import", help="a diffusers folder or Hub repo → our model (and the registry)")
+    source = imports.add_mutually_exclusive_group(required=True)
+    source.add_argument("--folder", help="DDPMPipeline folder (unet/, scheduler/) or UNet2DModel")
+    source.add_argument("--hub", metavar="REPO", help="a Hub repo, e.g. google/ddpm-cifar10-32 (huggingface_hub's "
+                                                      "cache; HF_ENDPOINT and HF_HUB_OFFLINE apply)")
+    imports.add_argument("--revision", default=None, help="with --hub: a branch, tag or commit to pin (default main)")
+    preset = imports.add_mutually_exclusive_group()
+    preset.add_argument("--preset", choices=sorted(PRESETS), help="register under this preset, with its variance "
+                                                                  "(default: read from the folder)")
+    preset.add_argument("--dataset", choices=sorted(DATASET_PRESETS), help="the same, by dataset")
     imports.add_argument("--register", action="store_true", help="register as ddpm-<preset>, alias candidate")
-    imports.add_argument("--out", default=None, help="also write our safetensors + config.json here")
+    imports.add_argument("--out", default=None, help="also write a model folder here")
     imports.add_argument("--tracking-uri", default=None)
-    exports = direction.add_parser("export", help="our checkpoint or registered version → a diffusers folder")
-    exports.add_argument("--model", required=True, help="models:/... or a checkpoint directory")
+    registers = direction.add_parser("register", help="a model folder or checkpoint → ddpm-<preset>, alias candidate")
+    registers.add_argument("--model", required=True, help="a model folder or a checkpoint directory")
+    registers.add_argument("--tracking-uri", default=None)
+    exports = direction.add_parser("export", help="our checkpoint, model folder or registered version → diffusers")
+    exports.add_argument("--model", required=True, help="models:/..., a checkpoint directory or a model folder")
     exports.add_argument("--out", required=True, help="folder for DDPMPipeline.from_pretrained")
     exports.add_argument("--tracking-uri", default=None)
 
@@ -39,7 +54,7 @@ def run(args: argparse.Namespace) -> int:
 
     configure_logging()
     try:
-        (import_model if args.direction == "import" else export_model)(args)
+        {"import": import_model, "register": register_model, "export": export_model}[args.direction](args)
     except (BridgeError, CheckpointError, SamplesError, TrackingError, OSError) as error:
         log.error("%s", error)
         return 2
@@ -47,24 +62,41 @@ def run(args: argparse.Namespace) -> int:
 
 
 def import_model(args: argparse.Namespace) -> None:
-    from pipelines.tracking import connect, experiment_id, resolve_tracking_uri
-    from pipelines.registry import register
-
-    model, config = import_folder(args.folder)
-    log.info("imported %s as preset %s (%s)", args.folder, config.preset, config.diffusion.variance)
+    preset = DATASET_PRESETS[args.dataset] if args.dataset else args.preset
+    if args.hub:
+        folder = download_hub(args.hub, args.revision)
+        source = {"source": "huggingface", "repo": args.hub, "revision": folder.name}  # the commit it resolved to
+        model, config = import_folder(folder, preset, name=args.hub)
+    else:
+        if args.revision:
+            raise BridgeError("--revision goes with --hub; a --folder has no revisions")
+        source = {"source": "diffusers", "folder": args.folder}
+        model, config = import_folder(args.folder, preset)
+    log.info("imported %s as preset %s (%s)", args.hub or args.folder, config.preset, config.diffusion.variance)
     with tempfile.TemporaryDirectory(prefix="ddpm-import-") as scratch:
-        folder = Path(args.out) if args.out else Path(scratch)
-        folder.mkdir(parents=True, exist_ok=True)
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / EMA_WEIGHTS))
-        (folder / "config.json").write_text(config.to_json())
+        folder = save_model_folder(Path(args.out) if args.out else Path(scratch), model, config)
         if args.register:
-            uri = resolve_tracking_uri(args.tracking_uri)
-            client = connect(uri)
-            run = client.create_run(experiment_id(client, "ddpm-imports", uri), run_name=f"import-{config.preset}",
-                                    tags={"source": str(args.folder)})
-            version = register(client, run.info.run_id, folder, config, {"source": "diffusers", "folder": args.folder})
-            client.set_terminated(run.info.run_id)
-            log.info("registered ddpm-%s version %s (alias candidate)", config.preset, version)
+            _register(folder, config, source, args.tracking_uri)
+
+
+def register_model(args: argparse.Namespace) -> None:
+    from pipelines.registry import load_model, resolve_model
+
+    resolved, _ = resolve_model(args.model, None)
+    _register(Path(resolved.split("@")[0]), load_model(resolved, "")[1], {"source": resolved}, args.tracking_uri)
+
+
+def _register(folder: Path, config, tags: dict, tracking_uri: str | None) -> None:
+    from pipelines.registry import register
+    from pipelines.tracking import connect, experiment_id, resolve_tracking_uri
+
+    uri = resolve_tracking_uri(tracking_uri)
+    client = connect(uri)
+    run = client.create_run(experiment_id(client, "ddpm-imports", uri), run_name=f"import-{config.preset}",
+                            tags={k: str(v) for k, v in tags.items()})
+    version = register(client, run.info.run_id, folder, config, tags)
+    client.set_terminated(run.info.run_id)
+    log.info("registered ddpm-%s version %s (alias candidate)", config.preset, version)
 
 
 def export_model(args: argparse.Namespace) -> None:

@@ -1,5 +1,6 @@
 """The MLflow model registry for the jobs: registering the EMA model, and which model a job samples from
-(a registered version, models:/name@alias or /version, or a checkpoint)."""
+(a registered version, models:/name@alias or /version, a checkpoint, or a model folder: config.json +
+ema.safetensors + ema.safetensors.sha256, as `ddpm convert import --out` writes)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,15 @@ from pathlib import Path
 import numpy as np
 
 import ddpm_core
-from ddpm_core.checkpoint import EMA_WEIGHTS, load_ema_unet, read_state
+from ddpm_core.checkpoint import (
+    CONFIG,
+    EMA_WEIGHTS,
+    STATE,
+    load_ema_unet,
+    read_state,
+    seal_model_folder,
+    verify_model_folder,
+)
 from ddpm_core.config import Config
 from ddpm_core.sampling import SamplesError
 from ddpm_core.storage import sha256_file
@@ -20,6 +29,8 @@ from ddpm_core.storage import sha256_file
 MODEL_FOLDER = "artifacts/model"
 WEIGHTS_SHA_TAG = "ddpm.weights_sha256"
 RECORDED_SHA256 = {"config.json": "ddpm.config_sha256", EMA_WEIGHTS: WEIGHTS_SHA_TAG}
+# A resolved model folder carries its weights' sha256, so an actor elsewhere loads exactly those weights.
+FOLDER_SHA256 = "@sha256:"
 
 
 def resolve_model(reference: str, client) -> tuple[str, object | None]:
@@ -38,7 +49,9 @@ def resolve_model(reference: str, client) -> tuple[str, object | None]:
         return f"models:/{version.name}/{version.version}", version
     path = Path(reference).expanduser().resolve()
     if not path.is_dir():
-        raise SamplesError(f"model {reference} is neither a models:/ URI nor a checkpoint directory")
+        raise SamplesError(f"model {reference} is neither a models:/ URI, a checkpoint directory nor a model folder")
+    if (path / CONFIG).is_file() and not (path / STATE).is_file():
+        return f"{path}{FOLDER_SHA256}{verify_model_folder(path)}", None
     return f"{path}@step{read_state(path).step}", None
 
 
@@ -51,6 +64,11 @@ def load_model(resolved: str, tracking_uri: str):
     """
     if resolved.startswith("models:/"):
         return _load_registered(resolved, tracking_uri)
+    if FOLDER_SHA256 in resolved:
+        path, digest = resolved.rsplit(FOLDER_SHA256, 1)
+        if verify_model_folder(path) != digest:
+            raise SamplesError(f"model folder {path} changed since the job resolved it (sha256 {digest[:16]})")
+        return load_ema_unet(path)
     return load_ema_unet(resolved.rsplit("@step", 1)[0])
 
 
@@ -83,6 +101,8 @@ def weights_sha256(resolved: str, version) -> str:
     """The sha256 of the EMA weights a resolved model samples with (as registered, or of the checkpoint)."""
     if version is not None:
         return version.tags[WEIGHTS_SHA_TAG]
+    if FOLDER_SHA256 in resolved:
+        return resolved.rsplit(FOLDER_SHA256, 1)[1]
     return sha256_file(Path(resolved.rsplit("@step", 1)[0]) / EMA_WEIGHTS)
 
 
@@ -96,7 +116,8 @@ def code_version() -> str:
 
 
 def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: dict) -> str:
-    """Log the EMA model in the run, register it as ddpm-<preset> with its files' sha256, alias `candidate`.
+    """Log the EMA model of a checkpoint or model folder in the run, register it as ddpm-<preset> with its
+    files' sha256, alias `candidate`.
 
     It is logged as a pyfunc (for users of `mlflow.pyfunc`); our jobs read only its data (`load_model`).
     """
@@ -118,6 +139,7 @@ def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: di
         model_dir.mkdir()
         shutil.copy(checkpoint_dir / EMA_WEIGHTS, model_dir / EMA_WEIGHTS)
         (model_dir / "config.json").write_text(config.to_json())
+        seal_model_folder(model_dir)  # the registered data is a model folder too
         recorded = {tag: sha256_file(model_dir / file) for file, tag in RECORDED_SHA256.items()}
         with mlflow.start_run(run_id=run_id):
             info = mlflow.pyfunc.log_model(

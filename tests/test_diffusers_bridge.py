@@ -186,3 +186,38 @@ def test_an_unnamed_256_model_asks_for_its_dataset_and_an_explicit_preset_wins()
     with pytest.raises(BridgeError, match=r"--preset: unknown preset 'church'"):
         matching_preset(model, None, "church", name="m")
     assert matching_preset(get_preset("cifar10").model, None, name="anything").preset == "cifar10"
+
+
+def test_an_imported_model_folder_is_taken_by_export_register_and_the_sampling_jobs(tmp_path, caplog):
+    from mlflow.tracking import MlflowClient
+
+    from ddpm_core.checkpoint import verify_model_folder
+    from pipelines.cli import main as ddpm
+    from pipelines.registry import load_model, resolve_model, weights_sha256
+    from tests.errors import expect_one_error
+
+    theirs = random_diffusers_unet("tiny", seed=11)
+    legacy = legacy_folder(theirs, tmp_path / "ddpm-tiny-legacy")
+    out = tmp_path / "models" / "tiny"
+    assert ddpm(["convert", "import", "--folder", str(legacy), "--out", str(out)]) == 0
+    digest = verify_model_folder(out)
+    assert (out / "ema.safetensors.sha256").read_text() == f"{digest}  ema.safetensors\n"
+    resolved, version = resolve_model(str(out), None)  # what `ddpm sample` and `ddpm fid` do with --model
+    assert resolved == f"{out}@sha256:{digest}" and version is None and weights_sha256(resolved, None) == digest
+    model, config = load_model(resolved, "")
+    x, t = torch.randn(1, 3, 16, 16), torch.tensor([9])
+    with torch.no_grad():
+        assert (model(x, t) - theirs(x, t).sample).abs().max().item() <= 1e-5
+    assert ddpm(["convert", "export", "--model", str(out), "--out", str(tmp_path / "back")]) == 0
+    back = diffusers.UNet2DModel.from_pretrained(tmp_path / "back" / "unet")
+    assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), back.state_dict().values()))
+    tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    assert ddpm(["convert", "register", "--model", str(out), "--tracking-uri", tracking]) == 0
+    registered = MlflowClient(tracking).get_model_version_by_alias("ddpm-tiny", "candidate")
+    assert registered.tags["ddpm.weights_sha256"] == digest
+    (out / "ema.safetensors").write_bytes((out / "ema.safetensors").read_bytes()[:-1] + b" ")
+    expect_one_error(caplog, ddpm, ["convert", "export", "--model", str(out), "--out", str(tmp_path / "x")],
+                     f"model folder {out}: ema.safetensors has sha256 ")
+    (out / "ema.safetensors.sha256").unlink()
+    expect_one_error(caplog, ddpm, ["convert", "export", "--model", str(out), "--out", str(tmp_path / "x")],
+                     f"model folder {out} is incomplete: missing ema.safetensors.sha256")
