@@ -1,5 +1,6 @@
 """Gaussian diffusion (paper §2–4): forward process, ε-parameterised reverse process, L_simple,
-the variational bound in bits/dim, and the samplers (ancestral, progressive, interpolation, DDIM).
+the variational bound in bits/dim, and the samplers (ancestral, progressive, interpolation, DDIM) with
+the step-time spacings every few-step sampler shares (the multistep ODE solvers are in `solvers.py`).
 
 Every coefficient is precomputed once in float64 and gathered per timestep as float32, as the
 official `GaussianDiffusion2`. Timesteps are 0-based: code's t = 0 is the paper's t = 1.
@@ -22,11 +23,52 @@ from .rng import randn_per_image
 Denoiser = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]
 # A progress wrapper such as tqdm: progress(iterable, total=n) yields the iterable's items.
 Progress = Callable[..., Iterator]
+SPACINGS = ("linspace", "leading", "trailing", "quadratic")
 
 
 def linear_beta_schedule(timesteps: int, beta_start: float, beta_end: float) -> np.ndarray:
     """β_1..β_T rising linearly (App. B: 1e-4 to 0.02, T = 1000), in float64."""
     return np.linspace(beta_start, beta_end, timesteps, dtype=np.float64)
+
+
+def spaced_timesteps(num_timesteps: int, steps: int, spacing: str = "linspace") -> list[int]:
+    """The `steps` increasing timesteps in 0..T-1 at which a few-step sampler evaluates the network.
+
+    Every sampler then steps from the largest to the smallest and, from there, to x_0 (ᾱ = 1).
+    - linspace: 0 and T-1 and evenly between, rounded; one step is [T-1]. DDIM's timesteps before
+      spacings were an option, and diffusers' DDIMScheduler "linspace".
+    - leading: 0, k, 2k, … with k = T // steps: DDIM's "uniform" and diffusers' default ("leading",
+      steps_offset 0). Never reaches T-1.
+    - trailing: T-1, T-1-T/steps, … rounded (Lin et al. 2024, Table 2): starts at T-1.
+    - quadratic: ⌊(i √(0.8 T) / (steps-1))²⌋, DDIM's choice for CIFAR-10 (Song et al. 2021, App. D.2).
+      Where the formula repeats a timestep (small t, many steps) the next integer is taken, so every
+      step evaluates the network at a new t.
+    diffusers' multistep solvers define "linspace" and "leading" over steps+1 points without t = 0;
+    these definitions are one for every sampler, and diffusers takes them as `timesteps=`.
+    """
+    if spacing not in SPACINGS:
+        raise ValueError(f"spacing {spacing!r} is unknown; choose one of {', '.join(SPACINGS)}")
+    if not 1 <= steps <= num_timesteps:
+        raise ValueError(f"sampling steps must be in 1..{num_timesteps}, got {steps}")
+    if spacing == "linspace":
+        if steps == 1:
+            return [num_timesteps - 1]
+        return [int(round(s)) for s in np.linspace(0, num_timesteps - 1, steps)]
+    if spacing == "leading":
+        return [i * (num_timesteps // steps) for i in range(steps)]
+    if spacing == "trailing":
+        return sorted(int(round(num_timesteps - i * num_timesteps / steps)) - 1 for i in range(steps))
+    kept: list[int] = []
+    for s in np.linspace(0, math.sqrt(0.8 * num_timesteps), steps) ** 2:
+        kept.append(max(int(s), kept[-1] + 1) if kept else int(s))
+    return kept
+
+
+def final_sample(chain: Iterator[ReverseStep], total: int, progress: Progress | None = None) -> torch.Tensor:
+    """Run a reverse chain to its end and return its last sample, x_0."""
+    for step in progress(chain, total=total) if progress else chain:
+        pass
+    return step.sample
 
 
 @dataclass
@@ -99,6 +141,17 @@ class GaussianDiffusion:
         if low < 0 or high >= self.num_timesteps:
             raise ValueError(f"timestep out of range: got values in [{low}, {high}], "
                              f"expected 0..{self.num_timesteps - 1}")
+
+    def sampling_timesteps(self, steps: int, spacing: str = "linspace",
+                           timesteps: Sequence[int] | None = None) -> list[int]:
+        """`timesteps` if given (checked), else `spaced_timesteps(T, steps, spacing)`."""
+        if timesteps is None:
+            return spaced_timesteps(self.num_timesteps, steps, spacing)
+        kept = [int(t) for t in timesteps]
+        if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
+            raise ValueError("sampling timesteps must be strictly increasing within "
+                             f"0..{self.num_timesteps - 1}; got {kept}")
+        return kept
 
     @staticmethod
     def check_images(x0: torch.Tensor) -> None:
@@ -234,10 +287,12 @@ class GaussianDiffusion:
     def p_sample_loop_progressive(self, model: Denoiser, shape: Sequence[int],
                                   generators: Sequence[torch.Generator] | None = None,
                                   device: torch.device | str = "cpu", x_t: torch.Tensor | None = None,
-                                  start_t: int | None = None) -> Iterator[ReverseStep]:
+                                  start_t: int | None = None, clip_denoised: bool | None = None
+                                  ) -> Iterator[ReverseStep]:
         """Algorithm 2, yielding x_{t-1} and x̂0 after every step (progressive generation, Fig. 6).
 
         Starts from x_T ~ N(0, I), or from `x_t` at step `start_t`. No noise is added at t = 0.
+        `clip_denoised` (default: the configuration's) clips x̂0 to [-1, 1] before the mean is formed.
         """
         device = torch.device(device)
         start = self.num_timesteps - 1 if start_t is None else start_t
@@ -246,19 +301,18 @@ class GaussianDiffusion:
         x = self._randn(shape, generators, device) if x_t is None else x_t.to(device)
         for step in range(start, -1, -1):
             t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
-            out = self.p_mean_variance(model, x, t)
+            out = self.p_mean_variance(model, x, t, clip_denoised)
             x = out["mean"]
             if step > 0:
                 x = x + torch.exp(0.5 * out["log_variance"]) * self._randn(x.shape, generators, device)
             yield ReverseStep(step, x, out["pred_x0"])
 
     def p_sample_loop(self, model: Denoiser, shape: Sequence[int], generators: Sequence[torch.Generator] | None = None,
-                      device: torch.device | str = "cpu", progress: Progress | None = None) -> torch.Tensor:
+                      device: torch.device | str = "cpu", progress: Progress | None = None,
+                      clip_denoised: bool | None = None) -> torch.Tensor:
         """Ancestral sampling (Algorithm 2) with the configured σ_t²; returns x_0 in [-1, 1]."""
-        chain = self.p_sample_loop_progressive(model, shape, generators, device)
-        for step in progress(chain, total=self.num_timesteps) if progress else chain:
-            pass
-        return step.sample
+        chain = self.p_sample_loop_progressive(model, shape, generators, device, clip_denoised=clip_denoised)
+        return final_sample(chain, self.num_timesteps, progress)
 
     @torch.no_grad()
     def interpolate(self, model: Denoiser, x_a: torch.Tensor, x_b: torch.Tensor, t: int, lambdas: Sequence[float],
@@ -280,34 +334,26 @@ class GaussianDiffusion:
         lam = torch.tensor(list(lambdas), device=device, dtype=torch.float32).reshape(-1, 1, 1, 1)
         mixed = (1.0 - lam) * latents[0] + lam * latents[1]
         generators = [torch.Generator(device=device).manual_seed(seed + 1) for _ in lambdas]
-        for step in self.p_sample_loop_progressive(model, mixed.shape, generators, device, x_t=mixed, start_t=t):
-            pass
-        return step.sample
-
-    def ddim_timesteps(self, steps: int) -> list[int]:
-        """`steps` timesteps spread evenly over 0..T-1, both ends included."""
-        if not 1 <= steps <= self.num_timesteps:
-            raise ValueError(f"DDIM steps must be in 1..{self.num_timesteps}, got {steps}")
-        if steps == 1:
-            return [self.num_timesteps - 1]
-        return sorted({int(round(s)) for s in np.linspace(0, self.num_timesteps - 1, steps)})
+        chain = self.p_sample_loop_progressive(model, mixed.shape, generators, device, x_t=mixed, start_t=t)
+        return final_sample(chain, t + 1)
 
     @torch.no_grad()
     def ddim_sample_loop_progressive(self, model: Denoiser, shape: Sequence[int], steps: int = 50, eta: float = 0.0,
                                      timesteps: Sequence[int] | None = None,
                                      generators: Sequence[torch.Generator] | None = None,
-                                     device: torch.device | str = "cpu") -> Iterator[ReverseStep]:
+                                     device: torch.device | str = "cpu", spacing: str = "linspace",
+                                     clip_denoised: bool | None = None) -> Iterator[ReverseStep]:
         """DDIM (Song et al. 2021, Eq. 12) over an increasing subset of timesteps, with stochasticity η.
 
-        σ = η √((1-ᾱ_s)/(1-ᾱ_t)) √(1-ᾱ_t/ᾱ_s) from step t to the previous kept step s. With η = 1
+        The timesteps are `timesteps`, else `steps` of `spacing` (`spaced_timesteps`). σ = η √((1-ᾱ_s)/
+        (1-ᾱ_t)) √(1-ᾱ_t/ᾱ_s) from step t to the previous kept step s (ᾱ = 1 after the last). With η = 1
         and every step this is the ancestral sampler with σ² = β̃ ("fixedsmall"); with η = 0 it is
-        deterministic given x_T. When x̂0 is clipped, ε is recomputed from the clipped x̂0.
+        deterministic given x_T. When x̂0 is clipped (`clip_denoised`, default: the configuration's),
+        ε is recomputed from the clipped x̂0.
         """
         device = torch.device(device)
-        kept = list(timesteps) if timesteps is not None else self.ddim_timesteps(steps)
-        if not kept or sorted(set(kept)) != kept or kept[0] < 0 or kept[-1] >= self.num_timesteps:
-            raise ValueError("DDIM timesteps must be strictly increasing within "
-                             f"0..{self.num_timesteps - 1}; got {kept}")
+        kept = self.sampling_timesteps(steps, spacing, timesteps)
+        clip = self.clip_denoised if clip_denoised is None else clip_denoised
         if eta < 0:
             raise ValueError(f"DDIM eta must be >= 0, got {eta}")
         x = self._randn(shape, generators, device)
@@ -316,7 +362,7 @@ class GaussianDiffusion:
             t = torch.full((x.shape[0],), step, device=device, dtype=torch.long)
             eps = model(x, t).float()
             pred_x0 = self.predict_x0_from_eps(x, t, eps)
-            if self.clip_denoised:
+            if clip:
                 pred_x0 = pred_x0.clamp(-1.0, 1.0)
                 eps = self.eps_from_x0(x, t, pred_x0)
             abar_t = float(self.alphas_cumprod[step])
@@ -329,9 +375,9 @@ class GaussianDiffusion:
 
     def ddim_sample_loop(self, model: Denoiser, shape: Sequence[int], steps: int = 50, eta: float = 0.0,
                          timesteps: Sequence[int] | None = None, generators: Sequence[torch.Generator] | None = None,
-                         device: torch.device | str = "cpu", progress: Progress | None = None) -> torch.Tensor:
+                         device: torch.device | str = "cpu", progress: Progress | None = None,
+                         spacing: str = "linspace", clip_denoised: bool | None = None) -> torch.Tensor:
         """DDIM sampling; returns x_0 in [-1, 1]."""
-        chain = self.ddim_sample_loop_progressive(model, shape, steps, eta, timesteps, generators, device)
-        for step in progress(chain, total=len(timesteps) if timesteps else steps) if progress else chain:
-            pass
-        return step.sample
+        chain = self.ddim_sample_loop_progressive(model, shape, steps, eta, timesteps, generators, device, spacing,
+                                                  clip_denoised)
+        return final_sample(chain, len(timesteps) if timesteps else steps, progress)

@@ -1,6 +1,6 @@
 """Mass sampling on storage: image i drawn from its own seed, stored in WebDataset tars keyed by index.
 
-    samples.json             model, sampler, steps, eta, seed, N, bf16: what these samples are
+    samples.json             model, sampler, steps, spacing, eta, clip, seed, N, bf16: what these samples are
     samples/000000.tar       <index:08d>.png for indices [k·per_tar, (k+1)·per_tar)
     _progress/000000.json    size and sha256 of each finished tar (a re-run skips those)
 
@@ -24,11 +24,14 @@ from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .config import Config
-from .diffusion import Denoiser, GaussianDiffusion
+from .diffusion import SPACINGS, Denoiser, GaussianDiffusion, final_sample
 from .rng import image_generators
+from .solvers import dpm_solver_pp_2m, unipc
 from .storage import Storage, sha256_file
 
-SAMPLERS = ("ddpm", "ddim")
+# ddpm: Algorithm 2, all T steps; the others take `steps` of a spacing (ddpm_core/diffusion.py, solvers.py).
+SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc")
+SOLVERS = {"dpmpp_2m": dpm_solver_pp_2m, "unipc": unipc}
 SPEC = "samples.json"
 
 
@@ -59,21 +62,31 @@ def bf16_autocast(model: torch.nn.Module, device: torch.device | str) -> Denoise
 
 def sample_images(model: torch.nn.Module, diffusion: GaussianDiffusion, config: Config, indices: Sequence[int],
                   seed: int, sampler: str = "ddpm", steps: int = 50, eta: float = 0.0,
-                  device: torch.device | str = "cpu", bf16: bool = False) -> torch.Tensor:
-    """Images in [-1, 1] for `indices`: the paper's ancestral sampler (all T steps) or DDIM.
+                  device: torch.device | str = "cpu", bf16: bool = False, spacing: str = "linspace",
+                  clip: bool | None = None) -> torch.Tensor:
+    """Images in [-1, 1] for `indices`: the paper's ancestral sampler (all T steps), DDIM (η = `eta`),
+    DPM-Solver++(2M) or UniPC, the last three at `steps` timesteps of `spacing`.
 
-    `bf16` runs the network under bf16 autocast: faster on CUDA and bf16 CPUs (bench/vs_diffusers.py), and
-    the images differ slightly from fp32 ones.
+    `clip` clips x̂0 to [-1, 1] (default: the configuration's `clip_denoised`). `bf16` runs the network under
+    bf16 autocast: faster on CUDA and bf16 CPUs (bench/vs_diffusers.py), and the images differ slightly from
+    fp32 ones (bench/sampler_table.py).
     """
+    if sampler not in SAMPLERS:
+        raise SamplesError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+    if spacing not in SPACINGS:
+        raise SamplesError(f"spacing {spacing!r} is unknown; choose one of {', '.join(SPACINGS)}")
     r = config.model.resolution
     shape = (len(indices), config.model.in_channels, r, r)
     generators = image_generators(seed, indices, device)
     denoiser = bf16_autocast(model, device) if bf16 else model
     if sampler == "ddpm":
-        return diffusion.p_sample_loop(denoiser, shape, generators, device)
+        return diffusion.p_sample_loop(denoiser, shape, generators, device, clip_denoised=clip)
     if sampler == "ddim":
-        return diffusion.ddim_sample_loop(denoiser, shape, steps=steps, eta=eta, generators=generators, device=device)
-    raise SamplesError(f"sampler {sampler!r} is unknown; choose one of {', '.join(SAMPLERS)}")
+        return diffusion.ddim_sample_loop(denoiser, shape, steps=steps, eta=eta, generators=generators, device=device,
+                                          spacing=spacing, clip_denoised=clip)
+    chain = SOLVERS[sampler](diffusion, denoiser, shape, steps, spacing, generators=generators, device=device,
+                             clip_denoised=clip)
+    return final_sample(chain, steps)
 
 
 @dataclass(frozen=True)
@@ -89,6 +102,8 @@ class SampleSpec:
     per_tar: int
     resolution: int
     bf16: bool = False  # network under bf16 autocast; specs written before this field were fp32
+    spacing: str = "linspace"  # the step-time spacing; specs before it were DDIM's linspace (ddpm: every step)
+    clip: bool = True  # x̂0 clipped to [-1, 1]; specs before it clipped (every preset's clip_denoised)
 
     def tars(self) -> list[tuple[int, int, int]]:
         """(tar index, first image index, image count) for every tar."""

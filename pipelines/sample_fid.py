@@ -23,7 +23,7 @@ import numpy as np
 import torch
 
 from ddpm_core.checkpoint import CheckpointError
-from ddpm_core.diffusion import GaussianDiffusion
+from ddpm_core.diffusion import SPACINGS, GaussianDiffusion
 from ddpm_core.fid import (
     FEATURE_DIM,
     FeatureStats,
@@ -100,7 +100,7 @@ class SampleAndScore:
             images = np.concatenate([
                 to_uint8(sample_images(self.model, self.diffusion, self.config, indices[i:i + self.batch_size],
                                        self.spec.seed, self.spec.sampler, self.spec.steps, self.spec.eta,
-                                       self.device, self.spec.bf16))
+                                       self.device, self.spec.bf16, self.spec.spacing, self.spec.clip))
                 for i in range(0, count, self.batch_size)])
             write_sample_tar(self.storage, k, indices, images)
         if self.inception is None:
@@ -114,18 +114,20 @@ def add_arguments(parser: argparse.ArgumentParser, features_default: str = "ince
     parser.add_argument("--num", type=int, required=True, help="number of samples N (50000 for published FIDs)")
     parser.add_argument("--out", required=True, help="where the sample tars go: local path or s3://")
     parser.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid, clean-fid, ADM)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm: Algorithm 2, all T steps")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm always uses all T)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    add_sampler_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses (seed, i)")
     parser.add_argument("--actors", type=int, default=1, help="sampling actors (one GPU each with --gpu)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass on an actor")
     parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip x̂0 to [-1, 1] at every step (default: the model's clip_denoised, on for every "
+                             "preset, as the paper). Recorded in samples.json")
     parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
-                        help="the network under bf16 autocast, the diffusion arithmetic in fp32 (default: on with "
-                             "--gpu; on CPU if this machine's CPU has native bf16: AVX512-BF16, AMX, Arm BF16). "
-                             "--no-bf16: fp32. Recorded in samples.json")
+                        help="the network under bf16 autocast, the diffusion arithmetic in fp32. Default: fp32 "
+                             "when scoring (paper parity; bench/sampler_table.py shows what bf16 moves); samples "
+                             "only: on with --gpu and on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16). "
+                             "Recorded in samples.json")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--features", choices=FEATURES, default=features_default,
                         help="inception: the FID network (verified weights); random-init: development only, "
@@ -136,6 +138,41 @@ def add_arguments(parser: argparse.ArgumentParser, features_default: str = "ince
                         help=f"allow N < {FEATURE_DIM} (the covariance is then singular; tests and smoke runs only)")
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser) -> None:
+    """--sampler, --steps, --spacing, --eta: what `ddpm sample`, `ddpm fid` and `ddpm schedule` sample with."""
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                        help="ddpm: Algorithm 2, all T steps; ddim; dpmpp_2m: DPM-Solver++(2M); unipc: UniPC-2 "
+                             "(README: the quality-vs-cost table)")
+    parser.add_argument("--steps", type=int, default=50, help="network evaluations of ddim, dpmpp_2m and unipc "
+                                                              "(ddpm always uses all T)")
+    parser.add_argument("--spacing", choices=SPACINGS, default="linspace",
+                        help="where those steps lie in 0..T-1 (ddpm: every step). linspace: both ends, DDIM's "
+                             "timesteps here so far; leading: diffusers' default; trailing: starts at T-1; "
+                             "quadratic: DDIM's CIFAR-10 choice")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (the solvers are deterministic)")
+
+
+def sampler_settings(args: argparse.Namespace, timesteps: int | None) -> tuple[int, str, float]:
+    """(steps, spacing, eta) as a spec records them: what does not apply to the sampler takes its default.
+
+    `timesteps` is the model's T; the scheduler, which does not know it, passes None (ddpm's steps are then 0).
+    """
+    if args.sampler == "ddpm":
+        return timesteps or 0, "linspace", 0.0
+    if args.steps < 1 or (timesteps is not None and args.steps > timesteps):
+        raise SamplesError(f"--steps must be in 1..{timesteps or 'T'}, got {args.steps}")
+    if args.eta < 0:
+        raise SamplesError(f"--eta must be >= 0, got {args.eta}")
+    return args.steps, args.spacing, args.eta if args.sampler == "ddim" else 0.0
+
+
+def sampling_precision_is_bf16(args: argparse.Namespace, scoring: bool) -> bool:
+    """--bf16 / --no-bf16 if given; else fp32 for a scored sample set (paper parity), the fast path otherwise."""
+    if args.bf16 is not None:
+        return args.bf16
+    return not scoring and bf16_is_fast("cuda" if args.gpu else "cpu")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -181,15 +218,16 @@ def _run(args: argparse.Namespace) -> int:
 
     storage = open_storage(args.out)
     storage.check_writable()
-    steps = config.diffusion.timesteps if args.sampler == "ddpm" else args.steps
-    bf16 = bf16_is_fast("cuda" if args.gpu else "cpu") if args.bf16 is None else args.bf16
-    spec = SampleSpec(resolved, args.sampler, steps, args.eta if args.sampler == "ddim" else 0.0, args.seed,
-                      args.num, args.per_tar, config.model.resolution, bf16)
+    steps, spacing, eta = sampler_settings(args, config.diffusion.timesteps)
+    bf16 = sampling_precision_is_bf16(args, scoring)
+    clip = config.diffusion.clip_denoised if args.clip is None else args.clip
+    spec = SampleSpec(resolved, args.sampler, steps, eta, args.seed, args.num, args.per_tar, config.model.resolution,
+                      bf16, spacing, clip)
     finished = set(prepare_output(storage, spec))
     tars = spec.tars()
-    log.info("%s: %d samples of %s in %d tars (%d already there), %s %d steps, seed %d, %s; %d actor(s)",
-             storage.uri, spec.num, resolved, len(tars), len(finished), spec.sampler, spec.steps, spec.seed,
-             "bf16" if spec.bf16 else "fp32", args.actors)
+    log.info("%s: %d samples of %s in %d tars (%d already there), %s %d steps (%s), seed %d, %s, %s; %d actor(s)",
+             storage.uri, spec.num, resolved, len(tars), len(finished), spec.sampler, spec.steps, spec.spacing,
+             spec.seed, "clip" if spec.clip else "no clip", "bf16" if spec.bf16 else "fp32", args.actors)
 
     init_ray(args.address)
     rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
@@ -204,8 +242,9 @@ def _run(args: argparse.Namespace) -> int:
     features, scores = merge_statistics(stage.iter_rows(), spec.num, "samples")
 
     result = {"model": resolved, "model_weights_sha256": weights_sha256(resolved, version),
-              "sampler": spec.sampler, "steps": spec.steps, "eta": spec.eta, "seed": spec.seed,
-              "num": spec.num, "bf16": spec.bf16, "features": args.features, "inception_weights_sha256": weights_sha,
+              "sampler": spec.sampler, "steps": spec.steps, "spacing": spec.spacing, "eta": spec.eta,
+              "clip": spec.clip, "seed": spec.seed, "num": spec.num, "bf16": spec.bf16, "features": args.features,
+              "inception_weights_sha256": weights_sha,
               "reference": args.ref, "reference_sha256": reference_sha}
     label = "fid" if args.features == "inception" else "pseudo_fid"
     if scoring:
@@ -241,7 +280,10 @@ def log_results(client, tracking_uri: str, result: dict, version, storage, label
     if version is not None and label in result:
         # For people reading the registry, one tag per kind of sample set, so that sets never overwrite each
         # other (the scheduler keeps its own records). A pseudo-FID is never written under the name FID.
-        kind = (f"{result['sampler']}-{result['steps']}/n{result['num']}/seed{result['seed']}/"
+        # Settings at the values the first tags were written with add nothing, so those tags keep their names.
+        options = "".join([f"-{result['spacing']}" if result["spacing"] != "linspace" else "",
+                           f"-eta{result['eta']:g}" if result["eta"] else "", "" if result["clip"] else "-noclip"])
+        kind = (f"{result['sampler']}-{result['steps']}{options}/n{result['num']}/seed{result['seed']}/"
                 f"{'bf16' if result['bf16'] else 'fp32'}")
         client.set_model_version_tag(version.name, version.version, f"{label}/{kind}", f"{result[label]:.4f}")
 

@@ -37,8 +37,9 @@ from datetime import datetime, timezone
 from urllib.parse import urlparse
 
 from ddpm_core.inception import TRUSTED_ENV, WEIGHTS_ENV, accepted_weights
-from ddpm_core.sampling import SAMPLERS
+from ddpm_core.sampling import SPEC_DEFAULTS, SamplesError
 from ddpm_core.storage import StorageError, open_storage, read_uri
+from pipelines.sample_fid import add_sampler_arguments, sampler_settings
 from pipelines.registry import WEIGHTS_SHA_TAG
 
 log = logging.getLogger("ddpm.schedule")
@@ -49,6 +50,8 @@ PROMOTION = "ddpm.promotion."  # + <digest>. + decision, fid, champion, champion
 SUBMITTED, SUCCEEDED, FAILED, GAVE_UP = "submitted", "succeeded", "failed", "gave_up"
 # Settings the job needs from the scheduler's side (the cluster provides its own credentials and endpoints).
 PASSED_ENV = (WEIGHTS_ENV, TRUSTED_ENV)
+# Spec fields added after the first specs were recorded, with the value those specs meant.
+ADDED_FIELDS = {key: SPEC_DEFAULTS[key] for key in ("spacing", "clip")}
 
 
 REGISTRY_ATTEMPTS, REGISTRY_BACKOFF = 5, 0.5  # seconds, doubled after each failed attempt
@@ -99,25 +102,33 @@ class EvalSpec:
     per_tar: int
     bf16: bool = False  # the network's precision: FIDs under one spec come from one precision
     reference_sha256: str | None = None  # what `ref` held: a changed reference file is another spec
+    spacing: str = "linspace"  # where the steps lie (ddpm: every step)
+    clip: bool = True  # x̂0 clipped to [-1, 1]
 
     @property
     def digest(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:10]
+        # Fields added after the first specs were recorded count only away from the value those specs
+        # meant, so that an existing spec keeps its digest, its records and its champion.
+        fields = {k: v for k, v in asdict(self).items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
+        return hashlib.sha256(json.dumps(fields, sort_keys=True).encode()).hexdigest()[:10]
 
     def mismatch(self, result: dict) -> str | None:
-        """How a fid.json differs from what this spec asks, or None."""
-        steps = self.steps if self.sampler == "ddim" else result.get("steps")
-        asked = {"num": self.num, "sampler": self.sampler, "steps": steps, "eta": self.eta, "seed": self.seed,
-                 "features": self.features, "bf16": self.bf16, "reference_sha256": self.reference_sha256}
+        """How a fid.json differs from what this spec asks, or None (one written before a field read as its default)."""
+        steps = self.steps if self.sampler != "ddpm" else result.get("steps")
+        asked = {"num": self.num, "sampler": self.sampler, "steps": steps, "spacing": self.spacing, "eta": self.eta,
+                 "clip": self.clip, "seed": self.seed, "features": self.features, "bf16": self.bf16,
+                 "reference_sha256": self.reference_sha256}
         for key, value in asked.items():
-            if result.get(key) != value:
-                return f"its {key} is {result.get(key)!r}, the spec's {value!r}"
+            found = result.get(key, ADDED_FIELDS.get(key))
+            if found != value:
+                return f"its {key} is {found!r}, the spec's {value!r}"
         return None
 
     def job_arguments(self) -> list[str]:
         arguments = ["--num", str(self.num), "--sampler", self.sampler, "--steps", str(self.steps),
-                     "--eta", str(self.eta), "--seed", str(self.seed), "--features", self.features,
-                     "--per-tar", str(self.per_tar), "--bf16" if self.bf16 else "--no-bf16"]
+                     "--spacing", self.spacing, "--eta", str(self.eta), "--clip" if self.clip else "--no-clip",
+                     "--seed", str(self.seed), "--features", self.features, "--per-tar", str(self.per_tar),
+                     "--bf16" if self.bf16 else "--no-bf16"]
         return arguments + (["--ref", self.ref] if self.ref else [])
 
 
@@ -544,9 +555,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--num", type=int, default=50000, help="samples per evaluation (50000 for published FIDs)")
     parser.add_argument("--out-root", required=True, help="evaluations go to <out-root>/<model>/v<version>-<spec>")
     parser.add_argument("--ref", default=None, help="reference statistics .npz (as for `ddpm fid`)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm", help="ddpm: Algorithm 2, all T steps")
-    parser.add_argument("--steps", type=int, default=50, help="DDIM steps (ddpm always uses all T)")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta")
+    add_sampler_arguments(parser)
+    parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=True,
+                        help="clip x̂0 to [-1, 1] at every step (default on, as the paper and every preset)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
     parser.add_argument("--features", choices=("inception", "random-init", "none"), default="inception",
@@ -612,9 +623,12 @@ def build(args: argparse.Namespace) -> Scheduler:
                                                        permanent=_missing_file)).hexdigest()
         except StorageError as error:
             raise SchedulerError(f"--ref: {error}") from None
-    spec = EvalSpec(args.num, args.sampler, args.steps if args.sampler == "ddim" else 0,
-                    args.eta if args.sampler == "ddim" else 0.0, args.seed, args.ref, args.features, args.per_tar,
-                    args.bf16, reference_sha256)
+    try:
+        steps, spacing, eta = sampler_settings(args, timesteps=None)
+    except SamplesError as error:
+        raise SchedulerError(str(error)) from None
+    spec = EvalSpec(args.num, args.sampler, steps, eta, args.seed, args.ref, args.features, args.per_tar,
+                    args.bf16, reference_sha256, spacing, args.clip)
     return Scheduler(args.model_name, spec, args.out_root, jobs, client, tracking_uri, job_options(args),
                      args.max_attempts, tuple(args.aliases), args.working_dir, args.deadline)
 
