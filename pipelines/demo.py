@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from ddpm_core.inception import InceptionWeightsError, find_weights
+from ddpm_core.inception import DOWNLOAD_ENV, InceptionWeightsError, find_weights
 from ddpm_core.pixels import image_grid
 from ddpm_core.presets import get_preset
 from ddpm_core.sampling import read_sample_tar
@@ -142,6 +142,9 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
     os.environ["RAY_ADDRESS"] = head.address  # every stage joins this cluster
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     lmdb, data = root / f"photos_{size.images}_lmdb", root / f"data_{size.images}"
+    # The demo scores with FID weights already on this machine, else a pseudo-FID: it downloads nothing
+    # (`ddpm fetch-weights` fetches them once, beforehand).
+    os.environ.setdefault(DOWNLOAD_ENV, "0")
     try:
         weights = str(find_weights())
         features, label, ref = "inception", "fid", data / "fid_stats.npz"

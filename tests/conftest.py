@@ -9,6 +9,8 @@ import pytest
 from pipelines.ray_runtime import use_local_token
 
 os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+# Nothing is downloaded while testing: the FID-weights fetch is tested against a local server, explicitly.
+os.environ.setdefault("DDPM_INCEPTION_DOWNLOAD", "0")
 # Ray 2.60's token authentication stays on. Every Ray of the session (in-process, `ray start` heads, the
 # jobs and subprocesses they run) shares one token made here, never ~/.ray/auth_token: a fresh HOME works.
 # Set before Ray first reads its mode (at import) and token.
