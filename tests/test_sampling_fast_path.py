@@ -94,8 +94,9 @@ def test_specs_record_only_what_applies_to_the_sampler():
         return sampler_settings(parser.parse_args(["fid", "--model", "m", "--num", "8", "--out", "o", *options]),
                                 timesteps)
 
-    assert settings("--sampler", "ddpm", "--steps", "10", "--spacing", "trailing", "--eta", "1") == (1000, "linspace", 0.0)
-    assert settings("--sampler", "ddim", "--steps", "10", "--spacing", "trailing", "--eta", "1") == (10, "trailing", 1.0)
+    options = ("--steps", "10", "--spacing", "trailing", "--eta", "1")
+    assert settings("--sampler", "ddpm", *options) == (1000, "linspace", 0.0)
+    assert settings("--sampler", "ddim", *options) == (10, "trailing", 1.0)
     assert settings("--sampler", "dpmpp_2m", "--steps", "10", "--eta", "1") == (10, "linspace", 0.0)
     assert settings("--sampler", "ddpm", timesteps=None) == (0, "linspace", 0.0)
     for options, message in ((("--sampler", "unipc", "--steps", "1001"), "--steps must be in 1..1000, got 1001"),
