@@ -47,7 +47,7 @@ def train_step(model: nn.Module, diffusion: GaussianDiffusion, optimizer: torch.
 
     With `config.micro_batch`, the batch runs in chunks whose gradients accumulate (DDP all-reduces
     only after the last one). Under DDP the gradient norm is the same on every rank, so every rank
-    makes the same skip decision. `autocast_dtype` (bf16 on CUDA) wraps the forward passes only.
+    makes the same skip decision. `autocast_dtype` (bf16 on CUDA and bf16 CPUs) wraps the forward passes only.
     """
     lr = learning_rate(step, config)
     for group in optimizer.param_groups:

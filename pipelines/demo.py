@@ -1,9 +1,9 @@
-"""`make demo`: the whole pipeline on one machine, on a dataset built from photos that packages ship.
+"""`make demo`: the whole pipeline on one machine, on scikit-learn's handwritten digits.
 
     python -m pipelines.demo [--dir demo] [--fast]
 
 Local Ray on 127.0.0.1 (with its job API, for the scheduler), MLflow on SQLite, the local disk for
-storage, CPU. Stages: build an LSUN-style LMDB of photo crops → shard it (the LSUN path) → reference
+storage, CPU. Stages: build an LSUN-style LMDB of the digits, upscaled → shard it (the LSUN path) → reference
 statistics → train the `demo` preset with two DDP workers → register → score an untrained model as
 the baseline → one scheduler tick (it submits the sampling batch through the Ray Jobs API, scores it,
 decides promotion) → the sample grid. A pseudo-FID is used unless verified Inception weights are
@@ -40,7 +40,7 @@ class DemoSize:
     ddim_steps: int
 
 
-FULL = DemoSize(images=3000, steps=get_preset("demo").train.steps, samples=128, ddim_steps=50)
+FULL = DemoSize(images=1797, steps=get_preset("demo").train.steps, samples=128, ddim_steps=50)
 FAST = DemoSize(images=300, steps=12, samples=32, ddim_steps=10)
 MODEL = "ddpm-demo"
 
@@ -141,7 +141,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
 
     os.environ["RAY_ADDRESS"] = head.address  # every stage joins this cluster
     tracking = f"sqlite:///{root / 'mlflow.db'}"
-    lmdb, data = root / f"photos_{size.images}_lmdb", root / f"data_{size.images}"
+    lmdb, data = root / f"digits_{size.images}_lmdb", root / f"data_{size.images}"
     # The demo scores with FID weights already on this machine, else a pseudo-FID: it downloads nothing
     # (`ddpm fetch-weights` fetches them once, beforehand).
     os.environ.setdefault(DOWNLOAD_ENV, "0")
@@ -159,7 +159,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
     print(f"\nddpm-ray demo in {root} ({'fast' if args.fast else 'full'}: {size.images} images, {size.steps} "
           f"training steps, {size.samples} samples scored by {label.replace('_', '-')})", flush=True)
 
-    stages.run("dataset", f"{size.images} crops of bundled photos → LSUN-style LMDB",
+    stages.run("dataset", f"{size.images} of scikit-learn's handwritten digits, upscaled → LSUN-style LMDB",
                lambda: lmdb.exists() or build_lmdb(lmdb, size.images))
     stages.run("shard", "LMDB → 32×32 WebDataset shards (the LSUN path)", lambda: check(shard.main(
         ["--input", str(lmdb), "--out", str(data), "--resolution", "32", "--per-shard", str(size.images // 12)],

@@ -1,0 +1,284 @@
+"""Does the project's training learn as fast as a plain PyTorch loop? Judged on real digits by a classifier.
+
+    python bench/learnability.py [--steps 200,600] [--batch 64] [--lr 2e-4] [--ema 0.995] [--samples 200]
+                                 [--paths project,reference] [--threads 2]
+
+The network is the `--preset`'s (default `tiny`: the paper's U-Net at 16×16, ch 32, 0.70M parameters,
+the paper's init; `--set model.FIELD=VALUE` changes it for every path). The task: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16
+(bicubic) and written as grey RGB PNGs, then sharded by the project (`ShardJob` over a folder, the
+path of `ddpm shard`). Every path trains the same network size with the same batch, lr, warm-up,
+Adam, grad clip 1.0, EMA and no flips, for the same number of steps; at each step count of `--steps`
+the EMA model draws `--samples` images with the same DDIM-50 sampler (η 0, fp32, the same seeds).
+
+Paths (all in this one process, stepped round-robin so that other load on the machine hits each alike):
+- project: ddpm_core exactly as pipelines/train.py runs it on one rank, without Ray: `TrainLoader`
+  over the shards (one loader worker), the job's per-step seeding, `train_step` (bf16 autocast where
+  the CPU has native bf16, as the job), `EMA`, `UNet` built from the bench's `ModelConfig`.
+- reference: a plain loop: the same decoded images in memory, a new permutation every epoch,
+  diffusers' `UNet2DModel` with the same architecture and its default init, MSE on ε, Adam, clip
+  1.0, EMA by lerp from a copy, fp32.
+- reference-ours: the plain loop with our `UNet` (separates the network from the job).
+- project-fp32: the project path without bf16.
+
+Judge: an RBF SVM (calibrated) fitted on 80 % of the real digits (at 8×8); a sample is turned grey (channel
+mean), averaged 2×2 back to 8×8 and scored. `conf` is the mean top-class probability (the held-out real
+digits give the ceiling), `classes` the effective number of predicted classes (exp of the entropy of the
+predicted-class histogram; 10 is every class equally), `cast` the mean per-image spread of the three
+channel means in grey levels (the data has 0). images/s count training steps only. Prints figures only.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import math
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+from PIL import Image  # noqa: E402
+
+from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig
+from ddpm_core.presets import get_preset  # noqa: E402
+from ddpm_core.diffusers_bridge import diffusers_config  # noqa: E402
+from ddpm_core.diffusion import GaussianDiffusion  # noqa: E402
+from ddpm_core.ema import EMA  # noqa: E402
+from ddpm_core.image_prep import Preprocess  # noqa: E402
+from ddpm_core.loader import TrainLoader  # noqa: E402
+from ddpm_core.model_stats import count_parameters  # noqa: E402
+from ddpm_core.rng import image_generators, image_seed  # noqa: E402
+from ddpm_core.sampling import bf16_is_fast  # noqa: E402
+from ddpm_core.sharding import ShardJob, build_shard  # noqa: E402
+from ddpm_core.sources import FolderSource  # noqa: E402
+from ddpm_core.storage import open_storage  # noqa: E402
+from ddpm_core.training import build_optimizer, train_step  # noqa: E402
+from ddpm_core.unet import UNet  # noqa: E402
+
+PATHS = ("project", "reference", "reference-ours", "project-fp32")
+
+
+def digits() -> tuple[np.ndarray, np.ndarray]:
+    from sklearn.datasets import load_digits
+
+    data = load_digits()
+    return data.images.astype(np.float32), data.target
+
+
+def write_dataset(root: Path, resolution: int) -> str:
+    """The digits as grey RGB PNGs at `resolution`, sharded by the project; returns the dataset URI."""
+    images, _ = digits()
+    folder = root / "digits"
+    folder.mkdir()
+    for i, image in enumerate(images):
+        grey = Image.fromarray(np.round(image * (255 / 16)).astype(np.uint8))
+        grey.resize((resolution, resolution), Image.BICUBIC).convert("RGB").save(folder / f"{i:05d}.png")
+    storage = open_storage(root / "data")
+    job = ShardJob(FolderSource(folder), Preprocess(resolution), storage, per_shard=200)
+    todo, _ = job.pending()
+    job.finalize([build_shard(job.source, job.preprocess, plan, "train", storage) for plan in todo])
+    return str(root / "data")
+
+
+def decoded_shards(data: str) -> torch.Tensor:
+    """Every training image as the loader sees it, in [-1, 1]: what the plain loops train on."""
+    images = []
+    for tar_path in sorted(Path(data, "shards").glob("*.tar")):
+        with tarfile.open(tar_path) as tar:
+            for member in tar:
+                if member.name.endswith(".png"):
+                    images.append(np.asarray(Image.open(tar.extractfile(member)).convert("RGB")))
+    return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
+
+
+class Judge:
+    """A classifier of the real 8×8 digits, scoring images in [-1, 1]."""
+
+    def __init__(self, seed: int = 0):
+        from sklearn.calibration import CalibratedClassifierCV
+        from sklearn.svm import SVC
+
+        images, labels = digits()
+        order = np.random.default_rng(seed).permutation(len(images))
+        cut = int(0.8 * len(images))
+        # An RBF SVM is unsure far from the data (noise, blobs: ~0.25), a linear model is not.
+        self.classifier = CalibratedClassifierCV(SVC(), ensemble=False)
+        self.classifier.fit(images[order[:cut]].reshape(cut, -1) / 16, labels[order[:cut]])
+        self.real = self.confidence(images[order[cut:]].reshape(len(images) - cut, -1) / 16)
+
+    def confidence(self, features: np.ndarray) -> tuple[float, float]:
+        probabilities = self.classifier.predict_proba(features)
+        counts = np.bincount(probabilities.argmax(1), minlength=10) / len(features)
+        nonzero = counts[counts > 0]
+        return float(probabilities.max(1).mean()), float(math.exp(-(nonzero * np.log(nonzero)).sum()))
+
+    def score(self, images: torch.Tensor) -> dict[str, float]:
+        x = (images.float().clamp(-1, 1) + 1) / 2  # [0, 1]
+        cast = float(x.mean(dim=(2, 3)).std(dim=1).mean()) * 255
+        grey = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), 8)
+        conf, classes = self.confidence(grey.reshape(len(grey), -1).numpy())
+        return {"conf": conf, "classes": classes, "cast": cast}
+
+
+class PlainLoop:
+    """The reference: a plain PyTorch DDPM loop over images in memory."""
+
+    def __init__(self, model: torch.nn.Module, call, images: torch.Tensor, diffusion: GaussianDiffusion,
+                 train: TrainConfig, seed: int):
+        self.model, self.call, self.images, self.train = model, call, images, train
+        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
+        self.abar = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)
+        self.generator = torch.Generator().manual_seed(seed)
+        self.order, self.step = torch.empty(0, dtype=torch.long), 0
+
+    def batch(self) -> torch.Tensor:
+        if len(self.order) < self.train.batch_size:
+            self.order = torch.randperm(len(self.images), generator=self.generator)
+        index, self.order = self.order[:self.train.batch_size], self.order[self.train.batch_size:]
+        return self.images[index]
+
+    def __call__(self) -> None:
+        x0 = self.batch()
+        t = torch.randint(0, len(self.abar), (len(x0),), generator=self.generator)
+        noise = torch.randn(x0.shape, generator=self.generator)
+        abar = self.abar[t].view(-1, 1, 1, 1)
+        loss = F.mse_loss(self.call(self.model, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t), noise)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.train.lr * min((self.step + 1) / max(self.train.warmup_steps, 1), 1.0)
+        self.optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
+        self.optimizer.step()
+        with torch.no_grad():
+            for e, p in zip(self.ema.parameters(), self.model.parameters()):
+                e.lerp_(p, 1.0 - self.train.ema_decay)
+        self.step += 1
+
+    def denoiser(self):
+        return lambda x, t: self.call(self.ema, x, t)
+
+
+class ProjectPath:
+    """ddpm_core as pipelines/train.py's rank 0 of a one-worker job runs it (without Ray)."""
+
+    def __init__(self, model_config: ModelConfig, data: str, diffusion: GaussianDiffusion, train: TrainConfig,
+                 bf16: bool):
+        torch.manual_seed(train.seed)
+        self.model = UNet(model_config)
+        self.diffusion, self.train = diffusion, train
+        self.optimizer, self.ema = build_optimizer(self.model, train), EMA(self.model, train.ema_decay)
+        self.loader = TrainLoader(data, train.batch_size, num_workers=1, seed=train.seed,
+                                  random_flip=train.random_flip, resolution=model_config.resolution)
+        self.autocast = torch.bfloat16 if bf16 else None
+        self.step, self.epoch, self.batches = 0, 0, iter(self.loader)
+
+    def __call__(self) -> None:
+        try:
+            images, _ = next(self.batches)
+        except StopIteration:
+            self.epoch += 1
+            self.loader.set_epoch(self.epoch)
+            self.batches = iter(self.loader)
+            images, _ = next(self.batches)
+        torch.manual_seed(image_seed(self.train.seed, self.step))
+        train_step(self.model, self.diffusion, self.optimizer, self.ema, images, self.step, self.train,
+                   autocast_dtype=self.autocast)
+        self.step += 1
+
+    def denoiser(self):
+        return self.ema.model
+
+
+def diffusers_unet(config: ModelConfig) -> torch.nn.Module:
+    from diffusers import UNet2DModel
+
+    return UNet2DModel(**{k: v for k, v in diffusers_config(config).items() if k != "_class_name"})
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="200,600", help="comma-separated step counts to judge at")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps, both paths")
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--preset", default="tiny", help="the model (and its init) of every path (default tiny)")
+    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
+                        help="override a model field of the preset, e.g. --set model.dropout=0.1 (repeatable)")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--paths", default="project,reference", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seed", type=int, default=0)
+    args = parser.parse_args()
+    checkpoints = sorted(int(s) for s in args.steps.split(","))
+    paths = args.paths.split(",")
+    if not set(paths) <= set(PATHS):
+        parser.error(f"--paths must be among {', '.join(PATHS)}")
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset).with_overrides(args.set)
+    model_config = preset.model
+    train = TrainConfig(lr=args.lr, batch_size=args.batch, warmup_steps=args.warmup, ema_decay=args.ema,
+                        random_flip=False, steps=checkpoints[-1], seed=args.seed)
+    diffusion = GaussianDiffusion.from_config(DiffusionConfig(variance="fixedlarge"))
+    judge = Judge(args.seed)
+    bf16 = bf16_is_fast("cpu")
+
+    with tempfile.TemporaryDirectory(prefix="ddpm-bench-learn-") as tmp:
+        data = write_dataset(Path(tmp), model_config.resolution)
+        images = decoded_shards(data)
+        runners = {}
+        for name in paths:
+            if name.startswith("project"):
+                runners[name] = ProjectPath(model_config, data, diffusion, train, bf16 and name == "project")
+            else:
+                torch.manual_seed(args.seed)
+                ours = name == "reference-ours"
+                model = UNet(model_config) if ours else diffusers_unet(model_config)
+                call = (lambda m, x, t: m(x, t)) if ours else (lambda m, x, t: m(x, t).sample)
+                runners[name] = PlainLoop(model, call, images, diffusion, train, args.seed)
+        params = count_parameters(UNet(model_config))
+        print(f"digits {len(images)} × {model_config.resolution}² grey, model {params / 1e6:.2f}M params, batch {args.batch}, "
+              f"lr {args.lr:g}, warm-up {args.warmup}, EMA {args.ema}, no flips; DDIM-50 η 0 fp32, {args.samples} "
+              f"samples; project bf16 {'on' if bf16 else 'off (no native bf16)'}; {args.threads} threads", flush=True)
+        seconds = dict.fromkeys(paths, 0.0)
+        rows = []
+        step = 0
+        for target in checkpoints:
+            while step < target:
+                for name, runner in runners.items():
+                    start = time.perf_counter()
+                    runner()
+                    seconds[name] += time.perf_counter() - start
+                step += 1
+                if step % 50 == 0:
+                    print(f"  step {step}: " + ", ".join(f"{n} {step * args.batch / s:.0f} images/s"
+                                                         for n, s in seconds.items()), flush=True)
+            for name, runner in runners.items():
+                shape = (args.samples, 3, model_config.resolution, model_config.resolution)
+                with torch.no_grad():
+                    samples = diffusion.ddim_sample_loop(runner.denoiser(), shape, steps=50,
+                                                         generators=image_generators(args.seed + 1,
+                                                                                     range(args.samples)))
+                rows.append((target, name, judge.score(samples), target * args.batch / seconds[name]))
+                print(f"  step {target} {name}: {rows[-1][2]}", flush=True)
+
+    real_conf, real_classes = judge.real
+    print(f"\nreal held-out digits: conf {real_conf:.3f}, classes {real_classes:.2f}, cast 0.0\n")
+    print(f"{'steps':>6} {'path':<15} {'conf':>6} {'classes':>8} {'cast':>6} {'images/s':>9} {'vs reference':>13}")
+    for target, name, score, rate in rows:
+        base = next((r for t, n, _, r in rows if t == target and n == "reference"), None)
+        ratio = f"{rate / base:.2f}×" if base else "-"
+        print(f"{target:>6} {name:<15} {score['conf']:6.3f} {score['classes']:8.2f} {score['cast']:6.1f} "
+              f"{rate:9.1f} {ratio:>13}")
+
+
+if __name__ == "__main__":
+    main()
