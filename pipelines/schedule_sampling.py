@@ -326,29 +326,39 @@ class Scheduler:
         return False
 
     # --- one tick -----------------------------------------------------------------------------
+    def batches(self, jobs: dict, version: int) -> dict[int, object]:
+        """This spec's batches of `version` that the cluster knows, by attempt number."""
+        prefix = submission_id(self.model_name, version, self.spec, 0)[:-1]  # ...-a<attempt>
+        return {int(i[len(prefix):]): job for i, job in jobs.items()
+                if i.startswith(prefix) and i[len(prefix):].isdigit()}
+
     def tick(self, wait_timeout: float = 6 * 3600, poll: float = 10.0) -> TickReport:
         report = TickReport()
-        jobs = self.jobs_by_id()
         watching: dict[int, str] = {}
         holders = {int(v.version) for v in map(self.alias_holder, self.aliases) if v is not None}
-        for version in self.versions():
+        # The tags first, then the cluster: every batch whose tags were read is in this listing (a scheduler
+        # submits before it tags), so the attempt count below never misses a batch that another one started.
+        versions, jobs = self.versions(), self.jobs_by_id()
+        for version in versions:
             number, tags = int(version.version), version.tags
             status, job_id = tags.get(self.eval_key("status")), tags.get(self.eval_key("job"))
-            attempts = _count(tags, self.eval_key("attempts"), number)
-            if status == SUBMITTED and job_id:
-                job = jobs.get(job_id)
-                if job is None:
-                    # The cluster no longer knows it (restarted): run it again; the samples resume.
-                    log.warning("v%d: the cluster has no record of %s; submitting it again", number, job_id)
-                    self.submit(number, job_id, max(attempts, 1), report)
-                    watching[number] = job_id
-                elif not job.status.is_terminal():
-                    watching[number] = job_id
-                    report.note(number, SUBMITTED, job=job_id)
-                else:
-                    self.finish(number, job, report)
-                continue  # a failure observed now is retried on the next tick
+            known = self.batches(jobs, number)
+            attempts = max([_count(tags, self.eval_key("attempts"), number), *known])
+            latest = known.get(attempts)
             if status in (SUCCEEDED, GAVE_UP):
+                continue
+            if latest is not None and not latest.status.is_terminal():
+                watching[number] = latest.submission_id  # one batch per version at a time: follow it
+                report.note(number, SUBMITTED, job=latest.submission_id)
+                continue
+            if latest is not None and (status == SUBMITTED or job_id != latest.submission_id):
+                self.finish(number, latest, report)  # ended, not yet recorded
+                continue  # a failure observed now is retried on the next tick
+            if status == SUBMITTED and job_id:
+                # The cluster no longer knows it (restarted): run it again; the samples resume.
+                log.warning("v%d: the cluster has no record of %s; submitting it again", number, job_id)
+                self.submit(number, job_id, max(attempts, 1), report)
+                watching[number] = job_id
                 continue
             if self.aliases and number not in holders:
                 continue

@@ -363,7 +363,9 @@ def test_cron_mode_survives_an_mlflow_outage(tmp_path, world, caplog, capsys, mo
         client = MlflowClient(server.uri)
         run = client.create_run(client.create_experiment("outage"))
         register(client, run.info.run_id, tiny_checkpoint(tmp_path / "checkpoint", seed=31), get_preset("tiny"), {})
-        planner = scheduler(world, "--tracking-uri", server.uri, "--aliases", "nobody")  # ticks submit nothing
+        # Ticks submit nothing (--aliases); a spec of its own (--seed): this registry's v1 is not the world's v1,
+        # whose batch and record the shared cluster and out root hold.
+        planner = scheduler(world, "--tracking-uri", server.uri, "--aliases", "nobody", "--seed", "7")
         sleeps = []
 
         def sleep(seconds: float) -> None:  # the cron wait; the outage spans the first tick
