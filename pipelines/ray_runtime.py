@@ -77,9 +77,9 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         state = Path(tempfile.mkdtemp(prefix="ddpm-ray-"))
         atexit.register(shutil.rmtree, state, ignore_errors=True)
         use_local_token(state)
-        # Loopback only: a laptop run must not open ports on the network.
+        # Loopback only: a laptop run must not open ports on the network. Its own session folder: see LocalHead.
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
-                 log_to_driver=True)
+                 log_to_driver=True, _temp_dir=str(state))
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
@@ -100,7 +100,9 @@ class LocalHead:
     ends this cluster's processes only (never `ray stop`, which ends every cluster of the machine).
     Jobs run `python ...` from the head's PATH: this environment's python comes first. Its token is
     created in `state_dir` unless the user configured one (`use_local_token`); this process and the
-    jobs it submits use the same.
+    jobs it submits use the same. Its session folder (`--temp-dir`) is its own too: a job's driver finds
+    its cluster through `<temp dir>/ray_current_cluster`, which in the shared /tmp/ray names whichever
+    cluster of the machine started last.
     """
 
     PORT_FLAGS = ("dashboard-agent-listen-port", "dashboard-agent-grpc-port", "metrics-export-port",
@@ -110,6 +112,8 @@ class LocalHead:
         state_dir.mkdir(parents=True, exist_ok=True)
         use_local_token(state_dir)
         log_path = state_dir / "ray-head.log"
+        # Short: Ray's unix sockets live below it (at most 107 characters).
+        self.temp_dir = Path(tempfile.mkdtemp(prefix="ddpm-ray-head-"))
         ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
         gcs_port, dashboard_port = free_port(), free_port()
         self.address, self.job_api = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
@@ -118,7 +122,8 @@ class LocalHead:
             self.process = subprocess.Popen(
                 [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                  f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
-                 "--disable-usage-stats", *(f"--{flag}={free_port()}" for flag in self.PORT_FLAGS)],
+                 "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
+                 *(f"--{flag}={free_port()}" for flag in self.PORT_FLAGS)],
                 stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             self._wait_for_job_api(timeout, log_path)
@@ -149,12 +154,11 @@ class LocalHead:
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(30)
-        except ProcessLookupError:
-            return
-        except subprocess.TimeoutExpired:
+        except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
             os.killpg(self.process.pid, signal.SIGKILL)  # whatever of the group is still there
         except ProcessLookupError:
             pass
         self.process.wait()
+        shutil.rmtree(self.temp_dir, ignore_errors=True)

@@ -60,8 +60,9 @@ def ray_local(s3_endpoint):
     import ray
 
     # address="local": always a new cluster, never one that `ray start` left on this machine.
+    # Its own session folder, as every local Ray of ours (pipelines/ray_runtime.py says why).
     ray.init(address="local", num_cpus=2, _node_ip_address="127.0.0.1", include_dashboard=False,
-             log_to_driver=False)
+             log_to_driver=False, _temp_dir=str(RAY_STATE / "local"))
     yield ray
     ray.shutdown()
 

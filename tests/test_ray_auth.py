@@ -22,13 +22,17 @@ HEAD_SCRIPT = textwrap.dedent("""
 
     state = Path(sys.argv[1])
     head = LocalHead(num_cpus=1, state_dir=state)
+    later = LocalHead(num_cpus=2, state_dir=state / "later")  # another cluster of the machine, started later
     try:
         from ray.job_submission import JobSubmissionClient
         client = JobSubmissionClient(head.job_api)
-        job = client.submit_job(entrypoint="python -c 'print(6 * 7)'")
+        # A job's driver joins its own cluster (1 CPU), not the one the machine started last (2 CPUs).
+        job = client.submit_job(
+            entrypoint="python -c 'import ray; ray.init(); print(6 * 7, ray.cluster_resources().get(\\"CPU\\"))'")
         while not client.get_job_status(job).is_terminal():
             time.sleep(0.5)
         print("job:", client.get_job_status(job), client.get_job_logs(job).strip().splitlines()[-1], flush=True)
+        later.stop()
         # Clients of the same cluster that have no token: a job joining it, and the scheduler.
         bare = {"HOME": sys.argv[2], "PATH": "/usr/bin:/bin", "RAY_AUTH_MODE": "token"}
         for command in (["pipelines.shard_lsun", "--lmdb", sys.argv[3], "--out", str(state / "data"),
@@ -53,7 +57,7 @@ def fresh_env(home: Path) -> dict[str, str]:
 
 
 @pytest.mark.slow
-def test_a_local_head_makes_its_own_token_and_names_the_fix_for_clients_without_one(tmp_path):
+def test_a_local_head_makes_its_own_token_its_jobs_join_it_and_clients_without_one_get_the_fix(tmp_path):
     home, state = tmp_path / "home", tmp_path / "state"
     make_lsun_lmdb(tmp_path / "lmdb", n=4, corrupt=0)
     done = subprocess.run([sys.executable, "-c", HEAD_SCRIPT, str(state), str(tmp_path / "other-home"),
@@ -64,7 +68,7 @@ def test_a_local_head_makes_its_own_token_and_names_the_fix_for_clients_without_
     token = state / "auth_token"
     assert re.fullmatch(r"[0-9a-f]{64}", token.read_text()) and token.stat().st_mode & 0o777 == 0o600
     assert not (home / ".ray").exists()  # never read nor written
-    assert "job: SUCCEEDED 42" in done.stdout, done.stdout
+    assert "job: SUCCEEDED 42 1.0" in done.stdout, done.stdout
     refusals = [line for line in done.stdout.splitlines() if line.startswith("tokenless:")]
     assert len(refusals) == 2, done.stdout
     for line in refusals:  # each: exit status 2, one error line, and it names the fix
