@@ -67,14 +67,25 @@ class ShardStream(IterableDataset):
         self.urls, self.rows, self.batch_size = urls, rows, batch_size
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.random_flip, self.shuffle_buffer = seed, random_flip, shuffle_buffer
-        self.epoch = 0
+        # In shared memory: persistent loader workers hold their own copy of this object, and read the
+        # epoch that `TrainLoader.set_epoch` wrote here each time a new epoch's iteration starts.
+        self.shared_epoch = torch.zeros((), dtype=torch.long).share_memory_()
+
+    @property
+    def epoch(self) -> int:
+        return int(self.shared_epoch)
+
+    @epoch.setter
+    def epoch(self, epoch: int) -> None:
+        self.shared_epoch.fill_(epoch)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
         info = get_worker_info()
         worker = info.id if info else 0
         slot = self.rank * self.num_workers + worker
-        assigned = assign_shards(self.rows, self.world_size * self.num_workers, self.seed, self.epoch)[slot]
-        stream_seed = int(np.random.SeedSequence([self.seed, self.epoch, slot]).generate_state(1)[0])
+        epoch = self.epoch
+        assigned = assign_shards(self.rows, self.world_size * self.num_workers, self.seed, epoch)[slot]
+        stream_seed = int(np.random.SeedSequence([self.seed, epoch, slot]).generate_state(1)[0])
         samples = wds.tarfile_samples(iter([{"url": self.urls[row["url"]]} for row in assigned]))
         samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=stream_seed)(samples)
         flips = random.Random(stream_seed + 1)
@@ -115,6 +126,10 @@ class TrainLoader:
         self.seed = seed
         self.dataset = ShardStream({row["url"]: storage.url(row["url"]) for row in rows}, rows, batch_size, rank,
                                    world_size, max(num_workers, 1), seed, random_flip, shuffle_buffer)
+        # Workers outlive the epoch: restarting them and refilling their shuffle buffers cost a few
+        # steps' time at every epoch boundary of a small data set.
+        self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,
+                                 persistent_workers=num_workers > 0, prefetch_factor=4 if num_workers else None)
         self.set_epoch(0)
 
     def set_epoch(self, epoch: int) -> None:
@@ -132,6 +147,4 @@ class TrainLoader:
         return self.batches
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, list[str]]]:
-        loader = DataLoader(self.dataset, batch_size=None, num_workers=self.num_workers,
-                            persistent_workers=False, prefetch_factor=4 if self.num_workers else None)
-        return itertools.islice(iter(loader), self.batches)
+        return itertools.islice(iter(self.loader), self.batches)

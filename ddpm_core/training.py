@@ -20,9 +20,9 @@ from .ema import EMA
 
 
 def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
-    # foreach: one fused kernel per parameter group instead of one per tensor.
+    # fused: the same Adam update in one kernel over every parameter (CUDA and CPU), not a loop of tensor ops.
     return torch.optim.Adam(model.parameters(), lr=config.lr, betas=config.adam_betas, eps=config.adam_eps,
-                            weight_decay=0.0, foreach=True)
+                            weight_decay=0.0, fused=True)
 
 
 def learning_rate(step: int, config: TrainConfig) -> float:

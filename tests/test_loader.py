@@ -72,7 +72,7 @@ def test_two_ranks_with_two_workers_read_disjoint_data_covering_the_set_with_equ
     assert len(originals) - len(covered) <= 12  # at most a partial batch per worker is dropped
 
 
-def test_random_flips_mirror_about_half_the_images_and_epochs_reshuffle(tmp_path):
+def test_random_flips_mirror_about_half_the_images_and_epochs_reshuffle_as_a_resumed_loader_would(tmp_path):
     storage = make_dataset(tmp_path, str(tmp_path / "data"))
     originals = all_images(storage)
     loader = TrainLoader(str(tmp_path / "data"), batch_size=5, num_workers=1, seed=1, random_flip=True)
@@ -93,6 +93,10 @@ def test_random_flips_mirror_about_half_the_images_and_epochs_reshuffle(tmp_path
         orders.append(order)
     assert flipped > 20 and kept > 20
     assert sorted(orders[0]) == sorted(orders[1]) and orders[0] != orders[1]
+    # The persistent worker's second epoch is the one a new loader (a resumed job) starts at epoch 1.
+    resumed = TrainLoader(str(tmp_path / "data"), batch_size=5, num_workers=1, seed=1, random_flip=True)
+    resumed.set_epoch(1)
+    assert [key for _, keys in resumed for key in keys] == orders[1]
 
 
 def test_reading_from_s3_streams_the_same_samples(tmp_path, s3_bucket):
