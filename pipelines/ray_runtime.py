@@ -149,11 +149,15 @@ class LocalHead:
                                        f"see {log_path}") from None
                 time.sleep(1)
 
-    def stop(self) -> None:
-        """SIGTERM to the head's process group (the leader stops its raylet, GCS and dashboard), then SIGKILL."""
+    def stop(self, grace: float = 3.0) -> None:
+        """SIGTERM to the head's process group, then SIGKILL to whatever is left after `grace` seconds.
+
+        Gracefully the raylet and GCS take 20-30 s to exit; nothing of this cluster outlives it (its
+        session folder is removed next), so a short grace is enough.
+        """
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
-            self.process.wait(30)
+            self.process.wait(grace)
         except (ProcessLookupError, subprocess.TimeoutExpired):
             pass
         try:
