@@ -1,14 +1,14 @@
 """Does the project's training learn as fast as a plain PyTorch loop? Judged on real digits by a classifier.
 
     python bench/learnability.py [--steps 200,600] [--batch 64] [--lr 2e-4] [--ema 0.995] [--samples 200]
-                                 [--paths project,reference] [--threads 2]
+                                 [--eta 0] [--paths project,reference] [--threads 2]
 
 The network is the `--preset`'s (default `tiny`: the paper's U-Net at 16×16, ch 32, 0.70M parameters,
 the paper's init; `--set model.FIELD=VALUE` changes it for every path). The task: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16
 (bicubic) and written as grey RGB PNGs, then sharded by the project (`ShardJob` over a folder, the
 path of `ddpm shard`). Every path trains the same network size with the same batch, lr, warm-up,
 Adam, grad clip 1.0, EMA and no flips, for the same number of steps; at each step count of `--steps`
-the EMA model draws `--samples` images with the same DDIM-50 sampler (η 0, fp32, the same seeds).
+the EMA model draws `--samples` images with the same DDIM-50 sampler (η `--eta`, fp32, the same seeds).
 
 Paths (all in this one process, stepped round-robin so that other load on the machine hits each alike):
 - project: ddpm_core exactly as pipelines/train.py runs it on one rank, without Ray: `TrainLoader`
@@ -214,6 +214,7 @@ def main() -> None:
     parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
                         help="override a model field of the preset, e.g. --set model.dropout=0.1 (repeatable)")
     parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's η of the judged samples (1: as DDPM)")
     parser.add_argument("--paths", default="project,reference", help=f"comma-separated, of {', '.join(PATHS)}")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
@@ -246,7 +247,7 @@ def main() -> None:
                 runners[name] = PlainLoop(model, call, images, diffusion, train, args.seed)
         params = count_parameters(UNet(model_config))
         print(f"digits {len(images)} × {model_config.resolution}² grey, model {params / 1e6:.2f}M params, batch {args.batch}, "
-              f"lr {args.lr:g}, warm-up {args.warmup}, EMA {args.ema}, no flips; DDIM-50 η 0 fp32, {args.samples} "
+              f"lr {args.lr:g}, warm-up {args.warmup}, EMA {args.ema}, no flips; DDIM-50 η {args.eta:g} fp32, {args.samples} "
               f"samples; project bf16 {'on' if bf16 else 'off (no native bf16)'}; {args.threads} threads", flush=True)
         seconds = dict.fromkeys(paths, 0.0)
         rows = []
@@ -264,7 +265,7 @@ def main() -> None:
             for name, runner in runners.items():
                 shape = (args.samples, 3, model_config.resolution, model_config.resolution)
                 with torch.no_grad():
-                    samples = diffusion.ddim_sample_loop(runner.denoiser(), shape, steps=50,
+                    samples = diffusion.ddim_sample_loop(runner.denoiser(), shape, steps=50, eta=args.eta,
                                                          generators=image_generators(args.seed + 1,
                                                                                      range(args.samples)))
                 rows.append((target, name, judge.score(samples), target * args.batch / seconds[name]))
