@@ -135,8 +135,8 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
     from pipelines import fid_reference, sample_fid, schedule_sampling, shard, train
-    from pipelines.schedule_sampling import EVAL, PROMOTION
     from pipelines.demo_data import build_lmdb
+    from pipelines.schedule_sampling import EVAL, PROMOTION
     from pipelines.tracking import connect
 
     os.environ["RAY_ADDRESS"] = head.address  # every stage joins this cluster
@@ -167,7 +167,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
         "shard"))
     stages.run("reference", f"{features} statistics of the data's first {size.images // 12} images",
                lambda: ref.exists() or check(fid_reference.main(
-                   ["--data", str(data), "--features", features, "--shards", "1", "--actors", "2",
+                   ["--data", str(data), "--features", features, "--shards", "1", "--actors", "1",
                     *(["--inception-weights", weights] if weights else [])]), "reference"))
     stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo)", lambda: check(train.main(
         ["--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1", "--loader-workers",
@@ -182,7 +182,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
     evaluations = root / "evaluations"
     stages.run("schedule", "one scheduler tick: it submits the sampling batch of the new version to the Ray "
                            "job API, scores it and decides promotion", lambda: check(schedule_sampling.main(
-        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", head.job_api, "--poll", "10",
+        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", head.job_api, "--poll", "2",
          "--actors", "2", *scoring]), "schedule"))
 
     client = connect(tracking)

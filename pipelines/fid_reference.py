@@ -3,7 +3,8 @@
     python pipelines/fid_reference.py --data s3://bucket/lsun-bedroom-256      # → .../fid_stats.npz
 
 One Ray Data row per shard; actors hold the FID Inception network and return exactly mergeable
-float64 statistics. The .npz has `mu` and `sigma` (as pytorch-fid, clean-fid and ADM files) plus
+float64 statistics. `--actors 0` runs the same actor code in this process, without Ray (small data
+sets). The .npz has `mu` and `sigma` (as pytorch-fid, clean-fid and ADM files) plus
 provenance: N, the weights' sha256, the resize, the dataset fingerprint.
 """
 
@@ -57,7 +58,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--inception-weights", default=None)
     parser.add_argument("--shards", type=int, default=None,
                         help="use only the first K shards (a quicker, noisier reference; N is recorded)")
-    parser.add_argument("--actors", type=int, default=1)
+    parser.add_argument("--actors", type=int, default=1, help="Ray actors; 0: in this process, without Ray")
     parser.add_argument("--gpu", action="store_true")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
     parser.add_argument("--address", default=None)
@@ -81,6 +82,8 @@ def _run(args: argparse.Namespace) -> int:
 
     storage = open_storage(args.data)
     rows, info = read_manifest(storage), read_dataset_info(storage)
+    if args.actors < 0:
+        raise ValueError(f"--actors must be >= 0, got {args.actors}")
     if args.shards is not None:
         if args.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {args.shards}")
@@ -88,15 +91,21 @@ def _run(args: argparse.Namespace) -> int:
     weights = str(find_weights(args.inception_weights)) if args.features == "inception" else None
     extractor = sha256_file(Path(weights)) if weights else f"random-init(seed={RANDOM_INIT_SEED})"
     name = args.out or ("fid_stats.npz" if args.features == "inception" else "fid_stats_pseudo.npz")
-    init_ray(args.address)
     offsets = np.cumsum([0] + [row["num_samples"] for row in rows])
     items = [{"url": row["url"], "first_index": int(offset)} for row, offset in zip(rows, offsets)]
-    stage = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        ShardStatistics, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
-        num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor,
-        fn_constructor_kwargs={"data": storage.uri, "features": args.features, "weights": weights,
-                               "threads": max(1, int(args.cpus_per_actor))})
-    features, _ = merge_statistics(stage.iter_rows(), int(offsets[-1]), "images")
+    actor = {"data": storage.uri, "features": args.features, "weights": weights,
+             "threads": max(1, int(args.cpus_per_actor))}
+    if args.actors == 0:
+        shard_statistics = ShardStatistics(**{**actor, "threads": torch.get_num_threads()})
+        # Each one-row batch as the one row Ray Data would yield from it.
+        statistics = ({key: value[0] for key, value in shard_statistics({k: np.array([v]) for k, v in item.items()})
+                       .items()} for item in items)
+    else:
+        init_ray(args.address)
+        statistics = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            ShardStatistics, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
+            num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor, fn_constructor_kwargs=actor).iter_rows()
+    features, _ = merge_statistics(statistics, int(offsets[-1]), "images")
     mu, sigma = features.mean_cov()
     payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize="tf1_bilinear_299",
                              dataset_fingerprint=info["fingerprint"], features=args.features)

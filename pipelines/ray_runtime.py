@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-import logging
 import atexit
+import logging
 import os
 import secrets
 import shutil

@@ -191,8 +191,8 @@ def run(args: argparse.Namespace) -> int:
 def _run(args: argparse.Namespace) -> int:
     import ray
 
-    from pipelines.registry import load_model, resolve_model, weights_sha256
     from pipelines.ray_runtime import init_ray
+    from pipelines.registry import load_model, resolve_model, weights_sha256
     from pipelines.tracking import connect, resolve_tracking_uri
 
     tracking_uri = resolve_tracking_uri(args.tracking_uri)

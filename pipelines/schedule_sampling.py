@@ -38,9 +38,9 @@ from urllib.parse import urlparse
 
 from ddpm_core.inception import TRUSTED_ENV, WEIGHTS_ENV, accepted_weights
 from ddpm_core.sampling import SPEC_DEFAULTS, SamplesError
-from ddpm_core.storage import StorageError, open_storage, read_uri
-from pipelines.sample_fid import add_sampler_arguments, sampler_settings
+from ddpm_core.storage import StorageError, read_uri
 from pipelines.registry import WEIGHTS_SHA_TAG
+from pipelines.sample_fid import add_sampler_arguments, sampler_settings
 
 log = logging.getLogger("ddpm.schedule")
 CHAMPION = "champion"

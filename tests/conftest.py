@@ -1,7 +1,6 @@
 import os
 import shutil
 import tempfile
-import time
 from pathlib import Path
 
 import pytest

@@ -18,6 +18,7 @@ from pathlib import Path
 
 import pytest
 
+from tests.mlflow_servers import wait_until_healthy
 from tests.test_infra import (
     CREDENTIALS,
     REPO,
@@ -30,7 +31,6 @@ from tests.test_infra import (
     secret_ref,
     the,
 )
-from tests.mlflow_servers import wait_until_healthy
 
 SERVICE_USER = "ddpm-jobs"
 

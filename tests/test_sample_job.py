@@ -14,8 +14,8 @@ from mlflow.tracking import MlflowClient
 from ddpm_core.fid import save_reference
 from ddpm_core.presets import get_preset
 from pipelines.fid_reference import main as reference_main
-from pipelines.sample_fid import main as sample_main
 from pipelines.registry import register
+from pipelines.sample_fid import main as sample_main
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset
@@ -64,8 +64,16 @@ def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s
 
     with np.load(io.BytesIO(read("data/fid_stats_pseudo.npz"))) as ref:
         assert ref["mu"].shape == (2048,) and ref["sigma"].shape == (2048, 2048) and int(ref["n"]) == 24
+    # Without Ray (--actors 0), the same actor code in this process: the same statistics.
+    assert reference_main(["--data", f"s3://{s3_bucket}/data", "--features", "random-init", "--actors", "0",
+                           "--out", "local.npz"]) == 0
+    with np.load(io.BytesIO(read("data/fid_stats_pseudo.npz"))) as ref, \
+            np.load(io.BytesIO(read("data/local.npz"))) as local:
+        assert int(local["n"]) == 24 and str(local["extractor_sha256"]) == str(ref["extractor_sha256"])
+        assert np.allclose(local["mu"], ref["mu"], rtol=1e-5, atol=1e-7)
+        assert np.allclose(local["sigma"], ref["sigma"], rtol=1e-5, atol=1e-7)
     assert reference_main(["--data", f"s3://{s3_bucket}/data", "--features", "random-init", "--shards", "1",
-                           "--out", "first_shard.npz", "--cpus-per-actor", "0.5"]) == 0
+                           "--out", "first_shard.npz", "--actors", "0"]) == 0
     with np.load(io.BytesIO(read("data/first_shard.npz"))) as first:
         assert int(first["n"]) == 8  # the first shard only
     out = f"s3://{s3_bucket}/samples"

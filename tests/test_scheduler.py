@@ -25,6 +25,8 @@ from ddpm_core.inception import TRUSTED_ENV, FIDInception
 from ddpm_core.presets import get_preset
 from ddpm_core.storage import sha256_file
 from pipelines.cron import Cron, CronError
+from pipelines.fid_reference import main as reference_main
+from pipelines.registry import register
 from pipelines.schedule_sampling import (
     CHAMPION,
     EvalSpec,
@@ -37,7 +39,6 @@ from pipelines.schedule_sampling import (
     verified_fid,
 )
 from pipelines.schedule_sampling import main as schedule_main
-from pipelines.registry import register
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset
@@ -100,9 +101,8 @@ def world(tmp_path_factory, mlflow_server, ray_head):
     with pytest.MonkeyPatch.context() as patch:
         patch.setenv(TRUSTED_ENV, sha256_file(weights))
         make_dataset(root, str(root / "data"), n=25, per_shard=8, resolution=16)
-        # Its own process: Ray workers only see the trusted sha if it is in their environment from the start.
-        subprocess.run([sys.executable, "-m", "pipelines.fid_reference", "--data", str(root / "data"),
-                        "--inception-weights", str(weights), "--cpus-per-actor", "0.5"], check=True, env=os.environ)
+        # In this process (--actors 0), which has the trusted sha: the head's Ray workers do not.
+        assert reference_main(["--data", str(root / "data"), "--inception-weights", str(weights), "--actors", "0"]) == 0
         mlflow.set_tracking_uri(mlflow_server)
         client = MlflowClient(mlflow_server)
         experiment = client.create_experiment("scheduler-test")
