@@ -4,11 +4,13 @@
                                  [--eta 0] [--paths project,reference] [--threads 2]
 
 The network is the `--preset`'s (default `tiny`: the paper's U-Net at 16×16, ch 32, 0.70M parameters,
-the paper's init; `--set model.FIELD=VALUE` changes it for every path). The task: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16
-(bicubic) and written as grey RGB PNGs, then sharded by the project (`ShardJob` over a folder, the
-path of `ddpm shard`). Every path trains the same network size with the same batch, lr, warm-up,
-Adam, grad clip 1.0, EMA and no flips, for the same number of steps; at each step count of `--steps`
-the EMA model draws `--samples` images with the same DDIM-50 sampler (η `--eta`, fp32, the same seeds).
+the paper's init; `--set model.FIELD=VALUE` changes it for every path, e.g. `--set model.in_channels=1
+--set model.out_channels=1` for a grey model, as the demo preset's). The task: scikit-learn's 1,797
+handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16 (bicubic) and written as grey
+RGB PNGs, then sharded by the project (`ShardJob` over a folder, the path of `ddpm shard`). Every path
+trains the same network size with the same batch, lr, warm-up, Adam, grad clip 1.0, EMA and no flips,
+for the same number of steps; at each step count of `--steps` the EMA model draws `--samples` images
+with the same DDIM-50 sampler (η `--eta`, fp32, the same seeds).
 
 Paths (all in this one process, stepped round-robin so that other load on the machine hits each alike):
 - project: ddpm_core exactly as pipelines/train.py runs it on one rank, without Ray: `TrainLoader`
@@ -24,7 +26,8 @@ Judge: an RBF SVM (calibrated) fitted on 80 % of the real digits (at 8×8); a sa
 mean), averaged 2×2 back to 8×8 and scored. `conf` is the mean top-class probability (the held-out real
 digits give the ceiling), `classes` the effective number of predicted classes (exp of the entropy of the
 predicted-class histogram; 10 is every class equally), `cast` the mean per-image spread of the three
-channel means in grey levels (the data has 0). images/s count training steps only. Prints figures only.
+channel means in grey levels (the data has 0; a grey model has none by construction). images/s count
+training steps only. Prints figures only.
 """
 
 from __future__ import annotations
@@ -46,14 +49,14 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig
-from ddpm_core.presets import get_preset  # noqa: E402
+from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
 from ddpm_core.diffusers_bridge import diffusers_config  # noqa: E402
 from ddpm_core.diffusion import GaussianDiffusion  # noqa: E402
 from ddpm_core.ema import EMA  # noqa: E402
 from ddpm_core.image_prep import Preprocess  # noqa: E402
-from ddpm_core.loader import TrainLoader  # noqa: E402
+from ddpm_core.loader import TrainLoader, decode_image  # noqa: E402
 from ddpm_core.model_stats import count_parameters  # noqa: E402
+from ddpm_core.presets import get_preset  # noqa: E402
 from ddpm_core.rng import image_generators, image_seed  # noqa: E402
 from ddpm_core.sampling import bf16_is_fast  # noqa: E402
 from ddpm_core.sharding import ShardJob, build_shard  # noqa: E402
@@ -87,14 +90,14 @@ def write_dataset(root: Path, resolution: int) -> str:
     return str(root / "data")
 
 
-def decoded_shards(data: str) -> torch.Tensor:
+def decoded_shards(data: str, channels: int) -> torch.Tensor:
     """Every training image as the loader sees it, in [-1, 1]: what the plain loops train on."""
     images = []
     for tar_path in sorted(Path(data, "shards").glob("*.tar")):
         with tarfile.open(tar_path) as tar:
             for member in tar:
                 if member.name.endswith(".png"):
-                    images.append(np.asarray(Image.open(tar.extractfile(member)).convert("RGB")))
+                    images.append(decode_image(tar.extractfile(member).read(), channels))
     return torch.from_numpy(np.stack(images)).permute(0, 3, 1, 2).float() / 127.5 - 1.0
 
 
@@ -121,7 +124,7 @@ class Judge:
 
     def score(self, images: torch.Tensor) -> dict[str, float]:
         x = (images.float().clamp(-1, 1) + 1) / 2  # [0, 1]
-        cast = float(x.mean(dim=(2, 3)).std(dim=1).mean()) * 255
+        cast = float(x.mean(dim=(2, 3)).std(dim=1).mean()) * 255 if x.shape[1] == 3 else 0.0
         grey = F.adaptive_avg_pool2d(x.mean(1, keepdim=True), 8)
         conf, classes = self.confidence(grey.reshape(len(grey), -1).numpy())
         return {"conf": conf, "classes": classes, "cast": cast}
@@ -176,7 +179,8 @@ class ProjectPath:
         self.diffusion, self.train = diffusion, train
         self.optimizer, self.ema = build_optimizer(self.model, train), EMA(self.model, train.ema_decay)
         self.loader = TrainLoader(data, train.batch_size, num_workers=1, seed=train.seed,
-                                  random_flip=train.random_flip, resolution=model_config.resolution)
+                                  random_flip=train.random_flip, resolution=model_config.resolution,
+                                  channels=model_config.in_channels)
         self.autocast = torch.bfloat16 if bf16 else None
         self.step, self.epoch, self.batches = 0, 0, iter(self.loader)
 
@@ -234,7 +238,7 @@ def main() -> None:
 
     with tempfile.TemporaryDirectory(prefix="ddpm-bench-learn-") as tmp:
         data = write_dataset(Path(tmp), model_config.resolution)
-        images = decoded_shards(data)
+        images = decoded_shards(data, model_config.in_channels)
         runners = {}
         for name in paths:
             if name.startswith("project"):
@@ -246,9 +250,11 @@ def main() -> None:
                 call = (lambda m, x, t: m(x, t)) if ours else (lambda m, x, t: m(x, t).sample)
                 runners[name] = PlainLoop(model, call, images, diffusion, train, args.seed)
         params = count_parameters(UNet(model_config))
-        print(f"digits {len(images)} × {model_config.resolution}² grey, model {params / 1e6:.2f}M params, batch {args.batch}, "
-              f"lr {args.lr:g}, warm-up {args.warmup}, EMA {args.ema}, no flips; DDIM-50 η {args.eta:g} fp32, {args.samples} "
-              f"samples; project bf16 {'on' if bf16 else 'off (no native bf16)'}; {args.threads} threads", flush=True)
+        colour = "grey model" if model_config.in_channels == 1 else "RGB model"
+        print(f"digits {len(images)} × {model_config.resolution}² grey, {colour} {params / 1e6:.2f}M params, "
+              f"batch {args.batch}, lr {args.lr:g}, warm-up {args.warmup}, EMA {args.ema}, no flips; "
+              f"DDIM-50 η {args.eta:g} fp32, {args.samples} samples; "
+              f"project bf16 {'on' if bf16 else 'off (no native bf16)'}; {args.threads} threads", flush=True)
         seconds = dict.fromkeys(paths, 0.0)
         rows = []
         step = 0
@@ -263,7 +269,7 @@ def main() -> None:
                     print(f"  step {step}: " + ", ".join(f"{n} {step * args.batch / s:.0f} images/s"
                                                          for n, s in seconds.items()), flush=True)
             for name, runner in runners.items():
-                shape = (args.samples, 3, model_config.resolution, model_config.resolution)
+                shape = (args.samples, model_config.in_channels, model_config.resolution, model_config.resolution)
                 with torch.no_grad():
                     samples = diffusion.ddim_sample_loop(runner.denoiser(), shape, steps=50, eta=args.eta,
                                                          generators=image_generators(args.seed + 1,

@@ -31,7 +31,7 @@ class ModelConfig:
     num_res_blocks: int = 2
     attn_resolutions: tuple[int, ...] = (16,)
     dropout: float = 0.0
-    in_channels: int = 3
+    in_channels: int = 3  # 1: a grey model, trained on the images' luminance
     out_channels: int = 3
     # Recompute each block's activations in backward: less memory at 256², same numbers.
     gradient_checkpointing: bool = False
@@ -61,6 +61,9 @@ class ModelConfig:
             )
         if self.num_res_blocks < 1:
             raise ConfigError(f"model.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.in_channels not in (1, 3):
+            raise ConfigError(f"model.in_channels must be 3 (RGB) or 1 (grey: the images' luminance), "
+                              f"got {self.in_channels}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
 

@@ -54,17 +54,19 @@ def batches_per_rank(assigned: list[list[dict]], world_size: int, num_workers: i
     return min(sum(per_slot[r * num_workers:(r + 1) * num_workers]) for r in range(world_size))
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
+    """PNG or WebP bytes → uint8 (H, W, channels): RGB, or its luminance (ITU-R 601) for a grey model."""
     with Image.open(io.BytesIO(data)) as image:
-        return np.asarray(image.convert("RGB"), dtype=np.uint8)
+        array = np.asarray(image.convert("RGB" if channels == 3 else "L"), dtype=np.uint8)
+    return array if channels == 3 else array[:, :, None]
 
 
 class ShardStream(IterableDataset):
     """The batches of one rank's DataLoader worker, as (images in [-1, 1], keys)."""
 
     def __init__(self, urls: dict[str, str], rows: list[dict], batch_size: int, rank: int, world_size: int,
-                 num_workers: int, seed: int, random_flip: bool, shuffle_buffer: int):
-        self.urls, self.rows, self.batch_size = urls, rows, batch_size
+                 num_workers: int, seed: int, random_flip: bool, shuffle_buffer: int, channels: int):
+        self.urls, self.rows, self.batch_size, self.channels = urls, rows, batch_size, channels
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.random_flip, self.shuffle_buffer = seed, random_flip, shuffle_buffer
         # In shared memory: persistent loader workers hold their own copy of this object, and read the
@@ -94,7 +96,7 @@ class ShardStream(IterableDataset):
             data = sample.get("png") or sample.get("webp")
             if data is None:
                 raise DatasetError(f"sample {sample['__key__']} in {sample.get('__url__')} has no png or webp image")
-            array = decode_image(data)
+            array = decode_image(data, self.channels)
             if self.random_flip and flips.random() < 0.5:
                 array = array[:, ::-1]
             images.append(torch.from_numpy(array.copy()).permute(2, 0, 1))
@@ -105,11 +107,14 @@ class ShardStream(IterableDataset):
 
 
 class TrainLoader:
-    """Batches of one DDP rank, the same count on every rank; call `set_epoch` before each epoch."""
+    """Batches of one DDP rank, the same count on every rank; call `set_epoch` before each epoch.
+
+    `channels` 1 reads every image as its luminance, for a grey model (`model.in_channels=1`).
+    """
 
     def __init__(self, data: str, batch_size: int, rank: int = 0, world_size: int = 1, num_workers: int = 2,
                  seed: int = 0, random_flip: bool = False, shuffle_buffer: int = 1000,
-                 resolution: int | None = None):
+                 resolution: int | None = None, channels: int = 3):
         if not 0 <= rank < world_size:
             raise ValueError(f"rank {rank} is outside world size {world_size}")
         storage = open_storage(data)
@@ -125,7 +130,7 @@ class TrainLoader:
         self.num_workers, self.world_size, self.batch_size = num_workers, world_size, batch_size
         self.seed = seed
         self.dataset = ShardStream({row["url"]: storage.url(row["url"]) for row in rows}, rows, batch_size, rank,
-                                   world_size, max(num_workers, 1), seed, random_flip, shuffle_buffer)
+                                   world_size, max(num_workers, 1), seed, random_flip, shuffle_buffer, channels)
         # Workers outlive the epoch: restarting them and refilling their shuffle buffers cost a few
         # steps' time at every epoch boundary of a small data set.
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,

@@ -7,8 +7,14 @@ import torch
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
-    """Images in [-1, 1], (N, C, H, W) → uint8 (N, H, W, C), rounded as the paper's evaluation."""
-    return ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    """Images in [-1, 1], (N, C, H, W) → uint8 RGB (N, H, W, 3), rounded as the paper's evaluation.
+
+    A grey model's one channel becomes R = G = B: sample tars, grids and FID then hold exactly what a
+    grey RGB data set holds.
+    """
+    pixels = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
+    return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy() if pixels.shape[1] == 1 else \
+        pixels.permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:

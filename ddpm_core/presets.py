@@ -71,14 +71,16 @@ PRESETS: dict[str, Config] = {
     "demo": Config(
         preset="demo",
         model=ModelConfig(resolution=32, ch=32, ch_mult=(1, 2, 2), num_res_blocks=1,
-                          attn_resolutions=(16,), dropout=0.0),
+                          attn_resolutions=(16,), dropout=0.0, in_channels=1, out_channels=1),
         diffusion=DiffusionConfig(variance="fixedlarge"),
         train=TrainConfig(lr=1e-3, batch_size=16, warmup_steps=100, steps=2000, ema_decay=0.995,
                           random_flip=False, checkpoint_every=500, log_every=50, sample_every=1000),
         notes="make demo on 2 CPU cores: the paper's architecture, narrower (ch 32) and shallower, "
         "with a small batch (early training is bound by the number of updates), a higher learning rate, "
         "a short warm-up and EMA 0.995, so ten minutes of training give recognisable samples. No flips: "
-        "the demo's data are handwritten digits, whose mirror images are not digits.",
+        "the demo's data are handwritten digits, whose mirror images are not digits. Grey "
+        "(in_channels=out_channels=1): the digits are grey, and an RGB model this small and this short "
+        "gives each sample a colour cast the data do not have (bench/learnability.py, `cast`).",
     ),
 }
 

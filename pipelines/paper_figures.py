@@ -45,7 +45,7 @@ def progressive(args: argparse.Namespace) -> Path:
     for step in chain:
         if step.t % args.every == 0 or step.t == diffusion.num_timesteps - 1:
             snapshots.append(to_uint8(step.pred_x0))
-    grid = np.stack(snapshots, axis=1).reshape(-1, r, r, config.model.in_channels)  # row-major: image × time
+    grid = np.stack(snapshots, axis=1).reshape(-1, r, r, 3)  # row-major: image × time
     out = Path(args.out)
     Image.fromarray(image_grid(grid, columns=len(snapshots))).save(out)
     log.info("wrote %s: %d images × %d x̂0 snapshots", out, args.num, len(snapshots))

@@ -130,7 +130,7 @@ def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: di
     r = config.model.resolution
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "index")]),
-        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, config.model.out_channels))]),
+        outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, r, r, 3))]),
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", "ddim"),
                             ParamSpec("steps", "long", 50), ParamSpec("eta", "double", 0.0)]),
     )

@@ -228,7 +228,8 @@ def train_loop_per_worker(loop: dict) -> dict:
     if loop["compile"]:
         ddp = torch.compile(ddp)
     loader = TrainLoader(loop["data"], train.batch_size // world, rank, world, loop["loader_workers"], train.seed,
-                         train.random_flip, resolution=config.model.resolution)
+                         train.random_flip, resolution=config.model.resolution,
+                         channels=config.model.in_channels)
     tracker = RankZeroTracker(loop["tracking_uri"], loop["run_id"]) if rank == 0 else None
     try:
         step, epoch, skip = state.step, state.epoch, state.batch_in_epoch

@@ -56,6 +56,7 @@ def test_round_trip_through_json():
         ("diffusion.variance=learned", "diffusion.variance 'learned' is unknown"),
         ("model.ch=48", "multiple of 32 for GroupNorm"),
         ("model.attn_resolutions=12", r"attn_resolutions \[12\] are not U-Net levels"),
+        ("model.in_channels=4", r"model.in_channels must be 3 \(RGB\) or 1 \(grey"),
     ],
 )
 def test_bad_overrides_get_one_clear_error(override, message):

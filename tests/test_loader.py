@@ -9,6 +9,7 @@ from PIL import Image
 
 from ddpm_core.image_prep import Preprocess
 from ddpm_core.loader import TrainLoader, assign_shards, batches_per_rank
+from ddpm_core.pixels import to_uint8
 from ddpm_core.sharding import DatasetError, ShardJob, build_shard, read_manifest
 from ddpm_core.sources import LmdbSource
 from ddpm_core.storage import open_storage
@@ -97,6 +98,22 @@ def test_random_flips_mirror_about_half_the_images_and_epochs_reshuffle_as_a_res
     resumed = TrainLoader(str(tmp_path / "data"), batch_size=5, num_workers=1, seed=1, random_flip=True)
     resumed.set_epoch(1)
     assert [key for _, keys in resumed for key in keys] == orders[1]
+
+
+def test_a_grey_loader_reads_the_luminance_and_grey_samples_come_back_as_grey_rgb(tmp_path):
+    storage = make_dataset(tmp_path, str(tmp_path / "data"))
+    originals = all_images(storage)
+    rgb, grey = (TrainLoader(str(tmp_path / "data"), batch_size=4, num_workers=0, seed=2, channels=channels)
+                 for channels in (3, 1))
+    for (_, keys), (luma, grey_keys) in zip(rgb, grey):
+        assert keys == grey_keys and luma.shape == (4, 1, 16, 16)
+        for image, key in zip(luma, keys):  # PIL's "L": ITU-R 601 luma in 16-bit fixed point, rounded
+            r, g, b = originals[key].astype(np.int64).transpose(2, 0, 1)
+            expected = torch.from_numpy((r * 19595 + g * 38470 + b * 7471 + 0x8000) >> 16).float() / 127.5 - 1
+            assert torch.equal(image[0], expected)
+    pixels = to_uint8(luma)
+    assert pixels.shape == (4, 16, 16, 3) and (pixels == pixels[..., :1]).all()
+    assert np.array_equal(pixels[..., 0], to_uint8(luma.expand(-1, 3, -1, -1))[..., 0])
 
 
 def test_reading_from_s3_streams_the_same_samples(tmp_path, s3_bucket):
