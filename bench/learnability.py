@@ -27,7 +27,8 @@ mean), averaged 2×2 back to 8×8 and scored. `conf` is the mean top-class proba
 digits give the ceiling), `classes` the effective number of predicted classes (exp of the entropy of the
 predicted-class histogram; 10 is every class equally), `cast` the mean per-image spread of the three
 channel means in grey levels (the data has 0; a grey model has none by construction). images/s count
-training steps only. Prints figures only.
+training steps only, in steady state: every path's first WARMUP_STEPS are left out (the project's loader
+worker starting, oneDNN building its kernels). Prints figures only.
 """
 
 from __future__ import annotations
@@ -66,6 +67,7 @@ from ddpm_core.training import build_optimizer, train_step  # noqa: E402
 from ddpm_core.unet import UNet  # noqa: E402
 
 PATHS = ("project", "reference", "reference-ours", "project-fp32")
+WARMUP_STEPS = 10
 
 
 def digits() -> tuple[np.ndarray, np.ndarray]:
@@ -227,6 +229,8 @@ def main() -> None:
     paths = args.paths.split(",")
     if not set(paths) <= set(PATHS):
         parser.error(f"--paths must be among {', '.join(PATHS)}")
+    if checkpoints[0] <= WARMUP_STEPS:
+        parser.error(f"--steps must be above the {WARMUP_STEPS} warm-up steps, got {checkpoints[0]}")
     torch.set_num_threads(args.threads)
     preset = get_preset(args.preset).with_overrides(args.set)
     model_config = preset.model
@@ -263,18 +267,20 @@ def main() -> None:
                 for name, runner in runners.items():
                     start = time.perf_counter()
                     runner()
-                    seconds[name] += time.perf_counter() - start
+                    if step >= WARMUP_STEPS:
+                        seconds[name] += time.perf_counter() - start
                 step += 1
                 if step % 50 == 0:
-                    print(f"  step {step}: " + ", ".join(f"{n} {step * args.batch / s:.0f} images/s"
-                                                         for n, s in seconds.items()), flush=True)
+                    rates = (f"{n} {(step - WARMUP_STEPS) * args.batch / s:.0f} images/s" for n, s in seconds.items())
+                    print(f"  step {step}: " + ", ".join(rates), flush=True)
             for name, runner in runners.items():
                 shape = (args.samples, model_config.in_channels, model_config.resolution, model_config.resolution)
                 with torch.no_grad():
                     samples = diffusion.ddim_sample_loop(runner.denoiser(), shape, steps=50, eta=args.eta,
                                                          generators=image_generators(args.seed + 1,
                                                                                      range(args.samples)))
-                rows.append((target, name, judge.score(samples), target * args.batch / seconds[name]))
+                rate = (target - WARMUP_STEPS) * args.batch / seconds[name]
+                rows.append((target, name, judge.score(samples), rate))
                 print(f"  step {target} {name}: {rows[-1][2]}", flush=True)
 
     real_conf, real_classes = judge.real

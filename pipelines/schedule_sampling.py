@@ -44,6 +44,7 @@ from pipelines.sample_fid import add_sampler_arguments, sampler_settings
 
 log = logging.getLogger("ddpm.schedule")
 CHAMPION = "champion"
+PROGRESS_EVERY_S = 30.0  # the longest gap between two "waiting for" lines while batches run
 CHAMPION_SPEC = "ddpm.champion_spec"  # registered-model tag: the spec whose scheduler moves `champion`
 EVAL = "ddpm.eval."  # + <digest>. + status, job, attempts, out, error, result_sha256, fid | pseudo_fid
 PROMOTION = "ddpm.promotion."  # + <digest>. + decision, fid, champion, champion_fid
@@ -377,7 +378,7 @@ class Scheduler:
         return report
 
     def wait(self, watching: dict[int, str], report: TickReport, timeout: float, poll: float) -> None:
-        started = time.monotonic()
+        started, last_line, logged_at = time.monotonic(), None, -math.inf
         while watching:
             jobs = self.jobs_by_id()
             for number, job_id in list(watching.items()):
@@ -396,9 +397,10 @@ class Scheduler:
                 log.info("still running after %.0f s: %s; the next tick picks them up", elapsed,
                          ", ".join(watching.values()))
                 break
-            log.info("waiting for %d batch(es): %s (%.0f s)", len(watching),
-                     ", ".join(f"v{n} {jobs[j].status if j in jobs else 'PENDING'}" for n, j in watching.items()),
-                     elapsed)
+            line = ", ".join(f"v{n} {jobs[j].status if j in jobs else 'PENDING'}" for n, j in watching.items())
+            if line != last_line or elapsed - logged_at >= PROGRESS_EVERY_S:  # a fast poll does not flood the log
+                log.info("waiting for %d batch(es): %s (%.0f s)", len(watching), line, elapsed)
+                last_line, logged_at = line, elapsed
             time.sleep(poll)
 
     def read_result(self, version: int, expected_sha256: str | None = None) -> tuple[dict, str]:
