@@ -35,6 +35,9 @@ class ModelConfig:
     out_channels: int = 3
     # Recompute each block's activations in backward: less memory at 256², same numbers.
     gradient_checkpointing: bool = False
+    # "paper": the official initialisation (ddpm_core/unet.py); "pytorch": PyTorch's default layer init,
+    # as diffusers' UNet2DModel has it.
+    init: str = "paper"
 
     def __post_init__(self) -> None:
         if self.resolution <= 0:
@@ -61,6 +64,8 @@ class ModelConfig:
             )
         if self.num_res_blocks < 1:
             raise ConfigError(f"model.num_res_blocks must be >= 1, got {self.num_res_blocks}")
+        if self.init not in ("paper", "pytorch"):
+            raise ConfigError(f"model.init must be 'paper' or 'pytorch', got {self.init!r}")
         if self.in_channels not in (1, 3):
             raise ConfigError(f"model.in_channels must be 3 (RGB) or 1 (grey: the images' luminance), "
                               f"got {self.in_channels}")

@@ -13,8 +13,9 @@ def to_uint8(x: torch.Tensor) -> np.ndarray:
     grey RGB data set holds.
     """
     pixels = ((x.detach().float().cpu() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return pixels.expand(-1, 3, -1, -1).permute(0, 2, 3, 1).numpy() if pixels.shape[1] == 1 else \
-        pixels.permute(0, 2, 3, 1).numpy()
+    if pixels.shape[1] == 1:
+        pixels = pixels.repeat(1, 3, 1, 1)
+    return pixels.permute(0, 2, 3, 1).numpy()
 
 
 def image_grid(images: np.ndarray, columns: int | None = None, padding: int = 2) -> np.ndarray:

@@ -9,7 +9,7 @@ map one to one onto the released checkpoints and onto diffusers' `UNet2DModel`.
 Initialisation is the official one: Xavier-uniform (fan_avg) everywhere, zero biases, and zero
 weights for each block's second conv, each attention output projection and the output conv
 (`init_scale=0.` in the official code, which TF needs as 1e-10; zero is what it means), so the
-untrained network outputs exactly 0.
+untrained network outputs exactly 0. `model.init=pytorch` keeps PyTorch's default layer init instead.
 """
 
 from __future__ import annotations
@@ -172,7 +172,8 @@ class UNet(nn.Module):
 
         self.norm_out = group_norm(block_in)
         self.conv_out = nn.Conv2d(block_in, config.out_channels, 3, padding=1)
-        self.reset_parameters()
+        if config.init == "paper":  # else the layers keep PyTorch's default init (model.init=pytorch)
+            self.reset_parameters()
 
     def reset_parameters(self) -> None:
         """The official initialisation (see the module docstring)."""

@@ -50,6 +50,13 @@ class ShardStatistics:
         return statistics_row(*image_statistics(self.inception, images, indices, device=self.device))
 
 
+def in_process(actor: ShardStatistics, items: list[dict]):
+    """The rows Ray Data would yield from the actor's one-row batches, computed in this process."""
+    for item in items:
+        batch = actor({key: np.array([value]) for key, value in item.items()})
+        yield {key: value[0] for key, value in batch.items()}
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset root made by the sharding job")
     parser.add_argument("--out", default=None, help="output .npz (default <data>/fid_stats.npz, or "
@@ -96,10 +103,7 @@ def _run(args: argparse.Namespace) -> int:
     actor = {"data": storage.uri, "features": args.features, "weights": weights,
              "threads": max(1, int(args.cpus_per_actor))}
     if args.actors == 0:
-        shard_statistics = ShardStatistics(**{**actor, "threads": torch.get_num_threads()})
-        # Each one-row batch as the one row Ray Data would yield from it.
-        statistics = ({key: value[0] for key, value in shard_statistics({k: np.array([v]) for k, v in item.items()})
-                       .items()} for item in items)
+        statistics = in_process(ShardStatistics(**{**actor, "threads": torch.get_num_threads()}), items)
     else:
         init_ray(args.address)
         statistics = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(

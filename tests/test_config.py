@@ -57,6 +57,7 @@ def test_round_trip_through_json():
         ("model.ch=48", "multiple of 32 for GroupNorm"),
         ("model.attn_resolutions=12", r"attn_resolutions \[12\] are not U-Net levels"),
         ("model.in_channels=4", r"model.in_channels must be 3 \(RGB\) or 1 \(grey"),
+        ("model.init=xavier", "model.init must be 'paper' or 'pytorch', got 'xavier'"),
     ],
 )
 def test_bad_overrides_get_one_clear_error(override, message):

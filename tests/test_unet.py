@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 from ddpm_core.model_stats import count_parameters, forward_flops
-from ddpm_core.presets import get_preset
+from ddpm_core.presets import PRESETS, get_preset
 from ddpm_core.unet import AttnBlock, ResnetBlock, UNet, timestep_embedding, timestep_frequencies
 
 
@@ -86,6 +86,20 @@ def test_official_initialisation():
                 assert w.var().item() == pytest.approx(bound**2 / 3, rel=0.1)
             checked += 1
     assert checked > 20
+
+
+def test_pytorch_init_keeps_the_default_layer_init():
+    config = dataclasses.replace(get_preset("tiny").model, init="pytorch")
+    torch.manual_seed(0)
+    model = UNet(config)
+    conv = model.conv_out.weight
+    fan_in, _ = torch.nn.init._calculate_fan_in_and_fan_out(conv)
+    assert torch.count_nonzero(conv) == conv.numel() and conv.abs().max() <= 1 / math.sqrt(fan_in)  # kaiming(a=√5)
+    assert torch.count_nonzero(model.conv_out.bias) == config.out_channels
+    x = torch.randn(2, 3, 16, 16)
+    assert torch.count_nonzero(model(x, torch.tensor([0, 999]))) > 0  # no zero branches: it outputs at once
+    paper = [name for name, preset in PRESETS.items() if name not in ("tiny", "demo")]
+    assert len(paper) >= 6 and all(PRESETS[name].model.init == "paper" for name in paper)
 
 
 def test_timestep_embedding_is_sin_first_with_official_frequencies():
