@@ -236,7 +236,7 @@ def train_loop_per_worker(loop: dict) -> dict:
         config_dict = config.to_dict()
         test_hooks = any(os.environ.get(name) for name in TEST_HOOKS)
         consecutive_nonfinite, window, window_start, window_first_step = 0, [], time.monotonic(), step
-        # bf16 autocast where it is fast: CUDA, and CPUs with native bf16 (1.27× fp32 on the 16×16 U-Net
+        # bf16 autocast where it is fast: CUDA, and CPUs with native bf16 (1.3–1.5× fp32 on the 16×16 U-Net
         # of bench/learnability.py).
         autocast = torch.bfloat16 if loop["bf16"] and bf16_is_fast(device) else None
         while step < train.steps:
