@@ -167,7 +167,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
         "shard"))
     stages.run("reference", f"{features} statistics of the data's first {size.images // 12} images",
                lambda: ref.exists() or check(fid_reference.main(
-                   ["--data", str(data), "--features", features, "--shards", "1", "--actors", "1",
+                   ["--data", str(data), "--features", features, "--shards", "1", "--actors", "0",
                     *(["--inception-weights", weights] if weights else [])]), "reference"))
     stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo)", lambda: check(train.main(
         ["--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1", "--loader-workers",
@@ -177,7 +177,8 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
         "train"))
     untrained = root / "untrained"
     stages.run("baseline", "sample and score the untrained model", lambda: check(sample_fid.main(
-        ["--model", str(save_untrained(root / "untrained_checkpoint")), "--out", str(untrained), *scoring]),
+        ["--model", str(save_untrained(root / "untrained_checkpoint")), "--out", str(untrained), *scoring,
+         "--actors", "0"]),
         "baseline"))
     evaluations = root / "evaluations"
     stages.run("schedule", "one scheduler tick: it submits the sampling batch of the new version to the Ray "

@@ -50,13 +50,6 @@ class ShardStatistics:
         return statistics_row(*image_statistics(self.inception, images, indices, device=self.device))
 
 
-def in_process(actor: ShardStatistics, items: list[dict]):
-    """The rows Ray Data would yield from the actor's one-row batches, computed in this process."""
-    for item in items:
-        batch = actor({key: np.array([value]) for key, value in item.items()})
-        yield {key: value[0] for key, value in batch.items()}
-
-
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset root made by the sharding job")
     parser.add_argument("--out", default=None, help="output .npz (default <data>/fid_stats.npz, or "
@@ -83,14 +76,10 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import ray
-
-    from pipelines.ray_runtime import init_ray
+    from pipelines.ray_runtime import map_rows
 
     storage = open_storage(args.data)
     rows, info = read_manifest(storage), read_dataset_info(storage)
-    if args.actors < 0:
-        raise ValueError(f"--actors must be >= 0, got {args.actors}")
     if args.shards is not None:
         if args.shards < 1:
             raise ValueError(f"--shards must be >= 1, got {args.shards}")
@@ -102,13 +91,8 @@ def _run(args: argparse.Namespace) -> int:
     items = [{"url": row["url"], "first_index": int(offset)} for row, offset in zip(rows, offsets)]
     actor = {"data": storage.uri, "features": args.features, "weights": weights,
              "threads": max(1, int(args.cpus_per_actor))}
-    if args.actors == 0:
-        statistics = in_process(ShardStatistics(**{**actor, "threads": torch.get_num_threads()}), items)
-    else:
-        init_ray(args.address)
-        statistics = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-            ShardStatistics, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
-            num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor, fn_constructor_kwargs=actor).iter_rows()
+    statistics = map_rows(ShardStatistics, actor, items, args.actors, args.address, num_cpus=args.cpus_per_actor,
+                          gpu=args.gpu)
     features, _ = merge_statistics(statistics, int(offsets[-1]), "images")
     mu, sigma = features.mean_cov()
     payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize="tf1_bilinear_299",

@@ -13,6 +13,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 log = logging.getLogger(__name__)
@@ -81,6 +82,31 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=True, _temp_dir=str(state))
     log.info("Ray resources: %s", ray.cluster_resources())
+
+
+def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, address: str | None, *,
+             num_cpus: float, gpu: bool = False, **ray_options) -> Iterator[dict]:
+    """The rows of `actor_class(**actor_kwargs)` called on one item at a time, from a pool of `actors` Ray Data
+    actors (joined or started by `init_ray(address)`).
+
+    `actors=0`: one instance in this process yields the rows Ray Data would, using this process's threads
+    (`actor_kwargs["threads"]`): small jobs need no Ray. The items stay in their order either way.
+    """
+    if actors < 0:
+        raise ValueError(f"--actors must be >= 0, got {actors}")
+    if actors == 0:
+        import numpy as np
+        import torch
+
+        actor = actor_class(**{**actor_kwargs, "threads": torch.get_num_threads()})
+        return ({key: value[0] for key, value in actor({k: np.array([v]) for k, v in item.items()}).items()}
+                for item in items)
+    import ray
+
+    init_ray(address)
+    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        actor_class, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpu else 0,
+        num_cpus=num_cpus, fn_constructor_kwargs=actor_kwargs, **ray_options).iter_rows()
 
 
 def configure_logging() -> None:

@@ -116,7 +116,8 @@ def add_arguments(parser: argparse.ArgumentParser, features_default: str = "ince
     parser.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid, clean-fid, ADM)")
     add_sampler_arguments(parser)
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses (seed, i)")
-    parser.add_argument("--actors", type=int, default=1, help="sampling actors (one GPU each with --gpu)")
+    parser.add_argument("--actors", type=int, default=1, help="sampling actors (one GPU each with --gpu); 0: in "
+                                                              "this process, without Ray (small sample sets)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass on an actor")
     parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
@@ -189,9 +190,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    import ray
-
-    from pipelines.ray_runtime import init_ray
+    from pipelines.ray_runtime import map_rows
     from pipelines.registry import load_model, resolve_model, weights_sha256
     from pipelines.tracking import connect, resolve_tracking_uri
 
@@ -229,17 +228,14 @@ def _run(args: argparse.Namespace) -> int:
              storage.uri, spec.num, resolved, len(tars), len(finished), spec.sampler, spec.steps, spec.spacing,
              spec.seed, "clip" if spec.clip else "no clip", "bf16" if spec.bf16 else "fp32", args.actors)
 
-    init_ray(args.address)
     rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
     # Bounded retries (Ray Data's default is forever): a batch that keeps failing ends as a failed job.
-    stage = ray.data.from_items(rows, override_num_blocks=len(rows)).map_batches(
-        SampleAndScore, batch_size=1, compute=ray.data.ActorPoolStrategy(size=args.actors),
-        num_gpus=1 if args.gpu else 0, num_cpus=args.cpus_per_actor, max_restarts=ACTOR_RETRIES,
-        max_task_retries=ACTOR_RETRIES,
-        fn_constructor_kwargs={"model": resolved, "tracking_uri": tracking_uri, "spec": spec.__dict__,
-                               "out": storage.uri, "features": args.features, "weights": weights,
-                               "batch_size": args.batch_size, "threads": max(1, int(args.cpus_per_actor))})
-    features, scores = merge_statistics(stage.iter_rows(), spec.num, "samples")
+    stage = map_rows(SampleAndScore, {"model": resolved, "tracking_uri": tracking_uri, "spec": spec.__dict__,
+                                      "out": storage.uri, "features": args.features, "weights": weights,
+                                      "batch_size": args.batch_size, "threads": max(1, int(args.cpus_per_actor))},
+                     rows, args.actors, args.address, num_cpus=args.cpus_per_actor, gpu=args.gpu,
+                     max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
+    features, scores = merge_statistics(stage, spec.num, "samples")
 
     result = {"model": resolved, "model_weights_sha256": weights_sha256(resolved, version),
               "sampler": spec.sampler, "steps": spec.steps, "spacing": spec.spacing, "eta": spec.eta,

@@ -80,9 +80,10 @@ class OutageProxy:
 
     It goes down at the first metrics request whose newest step is `down_at` and up again at the first
     whose newest step is `up_at`: the outage spans steps, not seconds, so the test does not race training.
+    Without them, a test sets `down` itself.
     """
 
-    def __init__(self, upstream: str, down_at: int, up_at: int):
+    def __init__(self, upstream: str, down_at: int | None = None, up_at: int | None = None):
         self.upstream = upstream.split("://", 1)[1]
         self.down_at, self.up_at = down_at, up_at
         self.down = False
@@ -92,7 +93,7 @@ class OutageProxy:
         class Handler(BaseHTTPRequestHandler):
             def _forward(self) -> None:
                 body = self.rfile.read(int(self.headers.get("Content-Length") or 0))
-                if self.path.startswith(LOG_BATCH):
+                if self.path.startswith(LOG_BATCH) and proxy.down_at is not None:
                     steps = [int(m["step"]) for m in json.loads(body).get("metrics", [])]
                     if steps and max(steps) >= proxy.up_at:
                         proxy.down = False

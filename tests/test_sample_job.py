@@ -110,15 +110,17 @@ def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s
 
 
 def test_samples_do_not_depend_on_actors_or_batch_size(tmp_path, registered, ray_local):
-    for name, actors, batch in (("one", "1", "4"), ("two", "2", "8")):
+    # --actors 0: the same actor code in this process, without Ray.
+    for name, actors, batch in (("one", "1", "4"), ("two", "2", "8"), ("none", "0", "16")):
         assert sample_main(["--model", registered["checkpoint"], "--num", "16", "--actors", actors,
                             "--batch-size", batch, "--features", "none",
                             *common(registered, tmp_path / name)]) == 0
-    one, two = tar_pngs(tmp_path / "one"), tar_pngs(tmp_path / "two")
-    assert sorted(one) == list(range(16)) and one == two
+    one, two, none = (tar_pngs(tmp_path / name) for name in ("one", "two", "none"))
+    assert sorted(one) == list(range(16)) and one == two == none
     assert len(set(one.values())) == 16
     for name in ("000000.tar", "000001.tar"):
-        assert (tmp_path / "one" / "samples" / name).read_bytes() == (tmp_path / "two" / "samples" / name).read_bytes()
+        tars = {(tmp_path / run / "samples" / name).read_bytes() for run in ("one", "two", "none")}
+        assert len(tars) == 1
 
 
 def test_a_stopped_job_resumes_to_exactly_n_distinct_samples(tmp_path, registered, ray_local):

@@ -20,7 +20,7 @@ from pipelines.tracking import REPLACED_BY_TAG, RUN_NAME_TAG, find_or_create_run
 from pipelines.train import CHECKPOINT_DIR_TAG
 from pipelines.train import main as train_main
 from tests.errors import expect_one_error
-from tests.mlflow_servers import LOG_BATCH, MlflowServer, OutageProxy
+from tests.mlflow_servers import LOG_BATCH, OutageProxy
 from tests.test_loader import make_dataset
 
 REPO = Path(__file__).resolve().parents[1]
@@ -101,52 +101,46 @@ def test_ddp_run_trains_checkpoints_tracks_and_registers(tmp_path, dataset, ray_
     assert len({t["weights"] for t in trace[0]}) == 23
 
 
-def test_stopped_run_resumes_from_its_checkpoint_in_the_same_mlflow_run(tmp_path, dataset, ray_local, monkeypatch,
-                                                                       caplog):
+def test_a_stopped_run_resumes_in_its_mlflow_run_and_ray_train_recovers_a_worker_fault_from_s3(
+        tmp_path, dataset, ray_local, monkeypatch, s3_bucket, caplog):
+    from ddpm_core.storage import s3_client
+
+    def s3_keys() -> set[str]:
+        return {item["Key"] for item in s3_client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/")["Contents"]}
+
     monkeypatch.setenv("DDPM_TEST_TRACE_DIR", str(tmp_path))
     monkeypatch.setenv("DDPM_TEST_FAIL_AT_STEP", "13")
     monkeypatch.setenv("DDPM_TEST_FAIL_RANK", "1")
     caplog.set_level(logging.ERROR)
-    assert train_main(job(tmp_path, dataset, "--max-failures", "0")) == 2
+    storage = ["--storage", f"s3://{s3_bucket}/runs"]
+    # No failure allowed: the run stops, and says how to resume.
+    assert train_main(job(tmp_path, dataset, "--max-failures", "0", *storage)) == 2
     assert "re-run the same command (--name tiny-run) to resume" in caplog.text
-    assert [c.name for c in (tmp_path / "runs" / "tiny-run").glob("checkpoint_0*")] == ["checkpoint_000000008"]
+    assert {key.split("/")[2] for key in s3_keys() if "/checkpoint_0" in key} == {"checkpoint_000000008"}
     client, run = the_run(tmp_path)
     assert run.info.status == "FAILED"
 
-    monkeypatch.delenv("DDPM_TEST_FAIL_AT_STEP")
+    # The same command resumes from the step-8 checkpoint; a worker fault at step 19 is then recovered by
+    # Ray Train itself (--max-failures 1) from the step-16 checkpoint, read back from S3.
+    monkeypatch.setenv("DDPM_TEST_FAIL_AT_STEP", "19")
+    monkeypatch.setenv("DDPM_TEST_FAIL_ONCE", str(tmp_path / "failed-once"))
     (tmp_path / "rank0.jsonl").unlink()
     (tmp_path / "rank1.jsonl").unlink()
-    assert train_main(job(tmp_path, dataset)) == 0
+    assert train_main(job(tmp_path, dataset, "--max-failures", "1", *storage)) == 0
+    assert (tmp_path / "failed-once").exists()
+    steps = [t["step"] for t in read_trace(tmp_path)[1]]  # rank 1 failed before tracing step 19
+    assert steps == list(range(8, 19)) + list(range(16, 24))  # from the checkpoints, never from zero
     client, run = the_run(tmp_path)
     assert run.info.status == "FINISHED"
-    assert [t["step"] for t in read_trace(tmp_path)[0]] == list(range(8, 24))  # from the checkpoint, not zero
     history = client.get_metric_history(run.info.run_id, "loss")
     assert sorted(m.step for m in history) == [4, 8, 12, 12, 16, 20, 24]
     # Steps 9-12 ran before the stop and again after the resume, from the same data, seeds and state:
     # the two logged losses of step 12 are the same number.
     first, replayed = [m.value for m in history if m.step == 12]
     assert replayed == pytest.approx(first, rel=1e-6)
-    assert read_state(tmp_path / "runs" / "tiny-run" / "checkpoint_000000024").step == 24
-
-
-def test_a_worker_fault_is_recovered_by_ray_train_from_its_checkpoint_on_s3(tmp_path, dataset, ray_local,
-                                                                          monkeypatch, s3_bucket):
-    from ddpm_core.storage import s3_client
-
-    monkeypatch.setenv("DDPM_TEST_TRACE_DIR", str(tmp_path))
-    monkeypatch.setenv("DDPM_TEST_FAIL_AT_STEP", "13")
-    monkeypatch.setenv("DDPM_TEST_FAIL_RANK", "1")
-    monkeypatch.setenv("DDPM_TEST_FAIL_ONCE", str(tmp_path / "failed-once"))
-    args = job(tmp_path, dataset, "--max-failures", "1", "--storage", f"s3://{s3_bucket}/runs")
-    assert train_main(args) == 0
-    assert (tmp_path / "failed-once").exists()
-    steps = [t["step"] for t in read_trace(tmp_path)[1]]  # rank 1 failed before tracing step 13
-    assert steps == list(range(13)) + list(range(8, 24))  # restarted at the step-8 checkpoint, read from S3
-    client, run = the_run(tmp_path)
-    assert run.info.status == "FINISHED"
     assert client.get_model_version_by_alias("ddpm-tiny", "candidate").tags["steps"] == "24"
 
-    keys = {item["Key"] for item in s3_client().list_objects_v2(Bucket=s3_bucket, Prefix="runs/")["Contents"]}
+    keys = s3_keys()
     checkpoint = "runs/tiny-run/checkpoint_000000024"
     assert {f"{checkpoint}/{name}" for name in ("model.safetensors", "ema.safetensors", "optimizer.pt",
                                                   "state.json")} <= keys
@@ -218,20 +212,20 @@ def test_resume_refuses_another_dataset_or_config_and_force_new_starts_over(tmp_
     assert resumed and found.info.run_id == new.info.run_id  # the next command resumes the new run
 
 
-def test_an_mlflow_outage_during_training_loses_no_point_and_fails_nothing(tmp_path, dataset, ray_local):
-    (tmp_path / "mlflow").mkdir()
-    server = MlflowServer(tmp_path / "mlflow")
-    server.start()
+def test_an_mlflow_outage_during_training_loses_no_point_and_fails_nothing(tmp_path, dataset, ray_local,
+                                                                          mlflow_server):
     # MLflow goes down at the metrics of step 8 and comes back at those of step 12: the metrics and the grid of
     # step 8 (whose call sends the pending metrics first) find no server.
-    proxy = OutageProxy(server.uri, down_at=8, up_at=12)
+    proxy = OutageProxy(mlflow_server, down_at=8, up_at=12)
     try:
         args = job(tmp_path, dataset, "--workers", "1", "--tracking-uri", proxy.uri, "--set", "train.steps=16",
                    "--set", "train.checkpoint_every=16", "--set", "train.sample_every=8")
         assert train_main(args) == 0
         assert proxy.dropped == [f"POST {LOG_BATCH}"] * 2  # one try each: the worker does not retry into a stall
-        client = MlflowClient(server.uri)
-        run = client.search_runs([client.get_experiment_by_name("tiny16").experiment_id])[0]
+        client = MlflowClient(mlflow_server)
+        runs = client.search_runs([client.get_experiment_by_name("tiny16").experiment_id])
+        assert len(runs) == 1  # the session's server holds no other run of this data set
+        run = runs[0]
         assert run.info.status == "FINISHED"
         for key in ("loss", "grad_norm", "lr", "images_per_s"):
             assert [m.step for m in client.get_metric_history(run.info.run_id, key)] == [4, 8, 12, 16]
@@ -240,7 +234,6 @@ def test_an_mlflow_outage_during_training_loses_no_point_and_fails_nothing(tmp_p
         assert client.get_model_version_by_alias("ddpm-tiny", "candidate").tags["run_id"] == run.info.run_id
     finally:
         proxy.close()
-        server.stop()
 
 
 def test_bad_inputs_are_refused_before_training(tmp_path, dataset, ray_local, caplog, monkeypatch):
