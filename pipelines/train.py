@@ -195,6 +195,21 @@ def _test_hooks(step: int, rank: int, keys: list[str], model: torch.nn.Module) -
             f.write(json.dumps({"step": step, "keys": keys, "weights": hashlib.sha256(weights).hexdigest()}) + "\n")
 
 
+def resume_from(checkpoint, model, ema, optimizer) -> TrainingState:
+    """Load a Ray Train checkpoint into the model, EMA and optimizer; returns its training state.
+
+    A remote checkpoint is downloaded into a folder of this rank's own. Ray's `as_directory` shares one
+    download per node and deletes it when its last reader leaves: a rank arriving at that moment fails
+    with "Checkpoint directory ... does not exist" (Ray 2.60), as ranks restarted after a fault do.
+    """
+    import pyarrow.fs
+
+    if isinstance(checkpoint.filesystem, pyarrow.fs.LocalFileSystem):
+        return load_checkpoint(checkpoint.path, model, ema, optimizer)
+    with tempfile.TemporaryDirectory(prefix="ddpm-resume-") as directory:
+        return load_checkpoint(checkpoint.to_directory(directory), model, ema, optimizer)
+
+
 def train_loop_per_worker(loop: dict) -> dict:
     """One DDP rank: restore, then train to `train.steps`, checkpointing every `checkpoint_every`."""
     import ray.train
@@ -220,8 +235,7 @@ def train_loop_per_worker(loop: dict) -> dict:
     state = TrainingState(step=0, config=config.to_dict(), seed=train.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
-        with checkpoint.as_directory() as directory:
-            state = load_checkpoint(directory, model, ema, optimizer)
+        state = resume_from(checkpoint, model, ema, optimizer)
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,
                  state.batch_in_epoch)
     ddp = ray.train.torch.prepare_model(model)  # DDP; broadcasts rank 0's weights

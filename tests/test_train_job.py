@@ -16,6 +16,10 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ddpm_core.checkpoint import load_ema_unet, read_state
+from ddpm_core.ema import EMA
+from ddpm_core.presets import get_preset
+from ddpm_core.training import build_optimizer
+from ddpm_core.unet import UNet
 from pipelines.tracking import REPLACED_BY_TAG, RUN_NAME_TAG, find_or_create_run
 from pipelines.train import CHECKPOINT_DIR_TAG
 from pipelines.train import main as train_main
@@ -148,6 +152,43 @@ def test_a_stopped_run_resumes_in_its_mlflow_run_and_ray_train_recovers_a_worker
     state = json.loads(s3_client().get_object(Bucket=s3_bucket, Key=f"{checkpoint}/state.json")["Body"].read())
     assert state["step"] == 24
     assert run.data.tags["checkpoint_location"] == f"s3://{s3_bucket}/runs/tiny-run"
+
+
+def test_each_rank_reads_a_remote_checkpoint_into_a_folder_of_its_own(tmp_path, s3_bucket):
+    """Ray's one download per node (`as_directory`) races when ranks arrive apart; the job's restore does not
+    use it: it restores while another process holds that download's lock (as_directory would wait for it)."""
+    import threading
+
+    from ray.train import Checkpoint
+
+    from ddpm_core.storage import s3_client
+    from pipelines.train import resume_from, storage_filesystem
+    from tests.models import tiny_checkpoint
+
+    local = tiny_checkpoint(tmp_path / "checkpoint", seed=3, step=16)
+    for file in local.iterdir():
+        s3_client().upload_file(str(file), s3_bucket, f"runs/checkpoint_000000016/{file.name}")
+    checkpoint = Checkpoint(f"{s3_bucket}/runs/checkpoint_000000016", storage_filesystem(f"s3://{s3_bucket}"))
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import sys, time; from ray.air._internal.filelock import TempFileLock; "
+         "lock = TempFileLock(sys.argv[1], timeout=0); lock.__enter__(); print('held', flush=True); time.sleep(300)",
+         checkpoint._get_temporary_checkpoint_dir()], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline() == "held\n"
+        config = get_preset("tiny")
+        model = UNet(config.model)
+        restored = []
+        reader = threading.Thread(target=lambda: restored.append(resume_from(
+            checkpoint, model, EMA(model, config.train.ema_decay), build_optimizer(model, config.train))),
+            daemon=True)
+        reader.start()
+        reader.join(60)
+        assert [state.step for state in restored] == [16]
+    finally:
+        holder.kill()
+        holder.wait()
+    saved = load_file(str(local / "model.safetensors"))
+    assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
 
 
 def test_too_many_non_finite_steps_stop_the_run_naming_the_step(tmp_path, dataset, ray_local, caplog):
