@@ -91,6 +91,7 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
 
     `actors=0`: one instance in this process yields the rows Ray Data would, using this process's threads
     (`actor_kwargs["threads"]`): small jobs need no Ray. The items stay in their order either way.
+    The pool never holds more actors than there are items: an idle actor would only load its models.
     """
     if actors < 0:
         raise ValueError(f"--actors must be >= 0, got {actors}")
@@ -104,9 +105,10 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
     import ray
 
     init_ray(address)
+    pool = ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items))))
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        actor_class, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors), num_gpus=1 if gpu else 0,
-        num_cpus=num_cpus, fn_constructor_kwargs=actor_kwargs, **ray_options).iter_rows()
+        actor_class, batch_size=1, compute=pool, num_gpus=1 if gpu else 0, num_cpus=num_cpus,
+        fn_constructor_kwargs=actor_kwargs, **ray_options).iter_rows()
 
 
 def configure_logging() -> None:

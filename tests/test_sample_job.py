@@ -109,17 +109,26 @@ def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s
     assert {"fid.json", "samples_first_64.png"} <= artifacts
 
 
+def sampling_actors() -> int:
+    """How many sampling actors this session's Ray has started so far (ended ones included)."""
+    from ray._private.state import actors
+
+    return sum(a["ActorClassName"] == "MapWorker(MapBatches(SampleAndScore))" for a in actors().values())
+
+
 def test_samples_do_not_depend_on_actors_or_batch_size(tmp_path, registered, ray_local):
-    # --actors 0: the same actor code in this process, without Ray.
-    for name, actors, batch in (("one", "1", "4"), ("two", "2", "8"), ("none", "0", "16")):
+    # --actors 0: the same actor code in this process, without Ray. 3 actors asked for 2 tars start 2.
+    for name, actors, batch, started in (("one", "1", "4", 1), ("three", "3", "8", 2), ("none", "0", "16", 0)):
+        before = sampling_actors()
         assert sample_main(["--model", registered["checkpoint"], "--num", "16", "--actors", actors,
                             "--batch-size", batch, "--features", "none",
                             *common(registered, tmp_path / name)]) == 0
-    one, two, none = (tar_pngs(tmp_path / name) for name in ("one", "two", "none"))
-    assert sorted(one) == list(range(16)) and one == two == none
+        assert sampling_actors() - before == started, name
+    one, three, none = (tar_pngs(tmp_path / name) for name in ("one", "three", "none"))
+    assert sorted(one) == list(range(16)) and one == three == none
     assert len(set(one.values())) == 16
     for name in ("000000.tar", "000001.tar"):
-        tars = {(tmp_path / run / "samples" / name).read_bytes() for run in ("one", "two", "none")}
+        tars = {(tmp_path / run / "samples" / name).read_bytes() for run in ("one", "three", "none")}
         assert len(tars) == 1
 
 
