@@ -1,7 +1,7 @@
 """Does the project's training learn as fast as a plain PyTorch loop? Judged on real digits by a classifier.
 
     python bench/learnability.py [--steps 200,600] [--batch 64] [--lr 2e-4] [--ema 0.995] [--samples 200]
-                                 [--eta 0] [--paths project,reference] [--threads 2]
+                                 [--eta 0] [--paths project,reference] [--threads 2] [--seeds 0,1]
 
 The network is the `--preset`'s (default `tiny`: the paper's U-Net at 16×16, ch 32, 0.70M parameters,
 the paper's init; `--set model.FIELD=VALUE` changes it for every path, e.g. `--set model.in_channels=1
@@ -9,8 +9,10 @@ the paper's init; `--set model.FIELD=VALUE` changes it for every path, e.g. `--s
 handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16 (bicubic) and written as grey
 RGB PNGs, then sharded by the project (`ShardJob` over a folder, the path of `ddpm shard`). Every path
 trains the same network size with the same batch, lr, warm-up, Adam, grad clip 1.0, EMA and no flips,
-for the same number of steps; at each step count of `--steps` the EMA model draws `--samples` images
-with the same DDIM-50 sampler (η `--eta`, fp32, the same seeds).
+for the same number of steps (the project paths with their preset's EMA scheme: `tiny` debiases it,
+`train.ema_debias`; the plain loops start theirs from the first weights); at each step count of
+`--steps` the EMA model draws `--samples` images with the same DDIM-50 sampler (η `--eta`, fp32, the
+same seeds).
 
 Paths (all in this one process, stepped round-robin so that other load on the machine hits each alike):
 - project: ddpm_core exactly as pipelines/train.py runs it on one rank, without Ray: `TrainLoader`
@@ -28,7 +30,9 @@ digits give the ceiling), `classes` the effective number of predicted classes (e
 predicted-class histogram; 10 is every class equally), `cast` the mean per-image spread of the three
 channel means in grey levels (the data has 0; a grey model has none by construction). images/s count
 training steps only, in steady state: every path's first WARMUP_STEPS are left out (the project's loader
-worker starting, oneDNN building its kernels). Prints figures only.
+worker starting, oneDNN building its kernels). `--seeds` trains every path once per seed (one judge for
+all) and prints the mean: at 300 steps the classes of one path move by about 0.7 between seeds. Prints
+figures only.
 """
 
 from __future__ import annotations
@@ -53,7 +57,6 @@ from PIL import Image  # noqa: E402
 from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
 from ddpm_core.diffusers_bridge import diffusers_config  # noqa: E402
 from ddpm_core.diffusion import GaussianDiffusion  # noqa: E402
-from ddpm_core.ema import EMA  # noqa: E402
 from ddpm_core.image_prep import Preprocess  # noqa: E402
 from ddpm_core.loader import TrainLoader, decode_image  # noqa: E402
 from ddpm_core.model_stats import count_parameters  # noqa: E402
@@ -63,7 +66,7 @@ from ddpm_core.sampling import bf16_is_fast  # noqa: E402
 from ddpm_core.sharding import ShardJob, build_shard  # noqa: E402
 from ddpm_core.sources import FolderSource  # noqa: E402
 from ddpm_core.storage import open_storage  # noqa: E402
-from ddpm_core.training import build_optimizer, train_step  # noqa: E402
+from ddpm_core.training import build_ema, build_optimizer, train_step  # noqa: E402
 from ddpm_core.unet import UNet  # noqa: E402
 
 PATHS = ("project", "reference", "reference-ours", "project-fp32")
@@ -179,7 +182,7 @@ class ProjectPath:
         torch.manual_seed(train.seed)
         self.model = UNet(model_config)
         self.diffusion, self.train = diffusion, train
-        self.optimizer, self.ema = build_optimizer(self.model, train), EMA(self.model, train.ema_decay)
+        self.optimizer, self.ema = build_optimizer(self.model, train), build_ema(self.model, train)
         self.loader = TrainLoader(data, train.batch_size, num_workers=1, seed=train.seed,
                                   random_flip=train.random_flip, resolution=model_config.resolution,
                                   channels=model_config.in_channels)
@@ -209,37 +212,13 @@ def diffusers_unet(config: ModelConfig) -> torch.nn.Module:
     return UNet2DModel(**{k: v for k, v in diffusers_config(config).items() if k != "_class_name"})
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--steps", default="200,600", help="comma-separated step counts to judge at")
-    parser.add_argument("--batch", type=int, default=64)
-    parser.add_argument("--lr", type=float, default=2e-4)
-    parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps, both paths")
-    parser.add_argument("--ema", type=float, default=0.995)
-    parser.add_argument("--preset", default="tiny", help="the model (and its init) of every path (default tiny)")
-    parser.add_argument("--set", action="append", default=[], metavar="model.FIELD=VALUE",
-                        help="override a model field of the preset, e.g. --set model.dropout=0.1 (repeatable)")
-    parser.add_argument("--samples", type=int, default=200)
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's η of the judged samples (1: as DDPM)")
-    parser.add_argument("--paths", default="project,reference", help=f"comma-separated, of {', '.join(PATHS)}")
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
-    checkpoints = sorted(int(s) for s in args.steps.split(","))
-    paths = args.paths.split(",")
-    if not set(paths) <= set(PATHS):
-        parser.error(f"--paths must be among {', '.join(PATHS)}")
-    if checkpoints[0] <= WARMUP_STEPS:
-        parser.error(f"--steps must be above the {WARMUP_STEPS} warm-up steps, got {checkpoints[0]}")
-    torch.set_num_threads(args.threads)
-    preset = get_preset(args.preset).with_overrides(args.set)
-    model_config = preset.model
+def train_and_judge(args, seed: int, checkpoints: list[int], paths: list[str], model_config: ModelConfig,
+                    ema_debias: bool, judge: Judge) -> list[tuple[int, str, dict[str, float], float]]:
+    """(steps, path, score, images/s) of every path at every step count, for one seed."""
     train = TrainConfig(lr=args.lr, batch_size=args.batch, warmup_steps=args.warmup, ema_decay=args.ema,
-                        random_flip=False, steps=checkpoints[-1], seed=args.seed)
+                        ema_debias=ema_debias, random_flip=False, steps=checkpoints[-1], seed=seed)
     diffusion = GaussianDiffusion.from_config(DiffusionConfig(variance="fixedlarge"))
-    judge = Judge(args.seed)
     bf16 = bf16_is_fast("cpu")
-
     with tempfile.TemporaryDirectory(prefix="ddpm-bench-learn-") as tmp:
         data = write_dataset(Path(tmp), model_config.resolution)
         images = decoded_shards(data, model_config.in_channels)
@@ -248,17 +227,11 @@ def main() -> None:
             if name.startswith("project"):
                 runners[name] = ProjectPath(model_config, data, diffusion, train, bf16 and name == "project")
             else:
-                torch.manual_seed(args.seed)
+                torch.manual_seed(seed)
                 ours = name == "reference-ours"
                 model = UNet(model_config) if ours else diffusers_unet(model_config)
                 call = (lambda m, x, t: m(x, t)) if ours else (lambda m, x, t: m(x, t).sample)
-                runners[name] = PlainLoop(model, call, images, diffusion, train, args.seed)
-        params = count_parameters(UNet(model_config))
-        colour = "grey model" if model_config.in_channels == 1 else "RGB model"
-        print(f"digits {len(images)} × {model_config.resolution}² grey, {colour} {params / 1e6:.2f}M params, "
-              f"batch {args.batch}, lr {args.lr:g}, warm-up {args.warmup}, EMA {args.ema}, no flips; "
-              f"DDIM-50 η {args.eta:g} fp32, {args.samples} samples; "
-              f"project bf16 {'on' if bf16 else 'off (no native bf16)'}; {args.threads} threads", flush=True)
+                runners[name] = PlainLoop(model, call, images, diffusion, train, seed)
         seconds = dict.fromkeys(paths, 0.0)
         rows = []
         step = 0
@@ -272,25 +245,69 @@ def main() -> None:
                 step += 1
                 if step % 50 == 0:
                     rates = (f"{n} {(step - WARMUP_STEPS) * args.batch / s:.0f} images/s" for n, s in seconds.items())
-                    print(f"  step {step}: " + ", ".join(rates), flush=True)
+                    print(f"  seed {seed} step {step}: " + ", ".join(rates), flush=True)
             for name, runner in runners.items():
                 shape = (args.samples, model_config.in_channels, model_config.resolution, model_config.resolution)
                 with torch.no_grad():
                     samples = diffusion.ddim_sample_loop(runner.denoiser(), shape, steps=50, eta=args.eta,
-                                                         generators=image_generators(args.seed + 1,
-                                                                                     range(args.samples)))
+                                                         generators=image_generators(seed + 1, range(args.samples)))
                 rate = (target - WARMUP_STEPS) * args.batch / seconds[name]
                 rows.append((target, name, judge.score(samples), rate))
-                print(f"  step {target} {name}: {rows[-1][2]}", flush=True)
+                print(f"  seed {seed} step {target} {name}: {rows[-1][2]}", flush=True)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--steps", default="200,600", help="comma-separated step counts to judge at")
+    parser.add_argument("--batch", type=int, default=64)
+    parser.add_argument("--lr", type=float, default=2e-4)
+    parser.add_argument("--warmup", type=int, default=0, help="linear lr warm-up steps, both paths")
+    parser.add_argument("--ema", type=float, default=0.995)
+    parser.add_argument("--preset", default="tiny", help="the model (and its init) of every path and the project "
+                                                         "paths' EMA scheme (default tiny)")
+    parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                        help="override a field of the preset, e.g. --set model.dropout=0.1 (repeatable)")
+    parser.add_argument("--samples", type=int, default=200)
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM's η of the judged samples (1: as DDPM)")
+    parser.add_argument("--paths", default="project,reference", help=f"comma-separated, of {', '.join(PATHS)}")
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--seeds", default="0", help="comma-separated training seeds; the table is their mean")
+    args = parser.parse_args()
+    checkpoints = sorted(int(s) for s in args.steps.split(","))
+    paths = args.paths.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    if not set(paths) <= set(PATHS):
+        parser.error(f"--paths must be among {', '.join(PATHS)}")
+    if checkpoints[0] <= WARMUP_STEPS:
+        parser.error(f"--steps must be above the {WARMUP_STEPS} warm-up steps, got {checkpoints[0]}")
+    torch.set_num_threads(args.threads)
+    preset = get_preset(args.preset).with_overrides(args.set)
+    model_config = preset.model
+    params = count_parameters(UNet(model_config))
+    colour = "grey model" if model_config.in_channels == 1 else "RGB model"
+    ema = f"EMA {args.ema} ({'debiased' if preset.train.ema_debias else 'from the first weights'} in the project paths)"
+    print(f"digits × {model_config.resolution}² grey, {colour} {params / 1e6:.2f}M params, batch {args.batch}, "
+          f"lr {args.lr:g}, warm-up {args.warmup}, {ema}, no flips; DDIM-50 η {args.eta:g} fp32, {args.samples} "
+          f"samples; project bf16 {'on' if bf16_is_fast('cpu') else 'off (no native bf16)'}; {args.threads} threads; "
+          f"seeds {args.seeds}", flush=True)
+    judge = Judge()  # one judge for every seed: the seeds are of training, not of the measure
+    runs = [train_and_judge(args, seed, checkpoints, paths, model_config, preset.train.ema_debias, judge)
+            for seed in seeds]
 
     real_conf, real_classes = judge.real
-    print(f"\nreal held-out digits: conf {real_conf:.3f}, classes {real_classes:.2f}, cast 0.0\n")
-    print(f"{'steps':>6} {'path':<15} {'conf':>6} {'classes':>8} {'cast':>6} {'images/s':>9} {'vs reference':>13}")
-    for target, name, score, rate in rows:
-        base = next((r for t, n, _, r in rows if t == target and n == "reference"), None)
-        ratio = f"{rate / base:.2f}×" if base else "-"
+    print(f"\nreal held-out digits: conf {real_conf:.3f}, classes {real_classes:.2f}, cast 0.0")
+    print(f"mean of {len(seeds)} seed(s); classes of each seed in brackets\n")
+    print(f"{'steps':>6} {'path':<15} {'conf':>6} {'classes':>8} {'cast':>6} {'images/s':>9} {'vs reference':>13}"
+          f"  per seed")
+    for i, (target, name, _, _) in enumerate(runs[0]):
+        score = {k: float(np.mean([run[i][2][k] for run in runs])) for k in ("conf", "classes", "cast")}
+        rate = float(np.mean([run[i][3] for run in runs]))
+        base = [j for j, (t, n, _, _) in enumerate(runs[0]) if t == target and n == "reference"]
+        ratio = f"{rate / np.mean([run[base[0]][3] for run in runs]):.2f}×" if base else "-"
+        per_seed = " ".join(f"{run[i][2]['classes']:.2f}" for run in runs)
         print(f"{target:>6} {name:<15} {score['conf']:6.3f} {score['classes']:8.2f} {score['cast']:6.1f} "
-              f"{rate:9.1f} {ratio:>13}")
+              f"{rate:9.1f} {ratio:>13}  [{per_seed}]")
 
 
 if __name__ == "__main__":

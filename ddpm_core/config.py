@@ -112,6 +112,7 @@ class TrainConfig:
     warmup_steps: int = 5000  # linear warm-up, then constant
     grad_clip: float = 1.0  # global-norm clip
     ema_decay: float = 0.9999
+    ema_debias: bool = False  # not the paper's: the EMA without its starting weights' share (ddpm_core.ema)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     adam_eps: float = 1e-8
     random_flip: bool = True
@@ -145,6 +146,9 @@ class TrainConfig:
             raise ConfigError(f"train.micro_batch must be >= 0, got {self.micro_batch}")
 
 
+SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}
+
+
 @dataclass(frozen=True)
 class Config:
     """Everything a run needs to rebuild its model and diffusion; stored with every checkpoint."""
@@ -166,13 +170,8 @@ class Config:
         unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
         if unknown:
             raise ConfigError(f"unknown config sections {sorted(unknown)}")
-        sections = {
-            "model": ModelConfig,
-            "diffusion": DiffusionConfig,
-            "train": TrainConfig,
-        }
-        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in sections}
-        for name, section_cls in sections.items():
+        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in SECTIONS}
+        for name, section_cls in SECTIONS.items():
             if name in data:
                 kwargs[name] = _section_from_dict(section_cls, name, data[name])
         return cls(**kwargs)
@@ -180,9 +179,23 @@ class Config:
     def flat(self) -> dict[str, Any]:
         """`section.field -> value`, the shape MLflow params take."""
         out: dict[str, Any] = {"preset": self.preset}
-        for section in ("model", "diffusion", "train"):
+        for section in SECTIONS:
             for key, value in dataclasses.asdict(getattr(self, section)).items():
                 out[f"{section}.{key}"] = value
+        return out
+
+    @staticmethod
+    def field_defaults() -> dict[str, Any]:
+        """`section.field -> default`, as `flat` names them, for every field that has a default.
+
+        A field is added with a default that keeps the behaviour from before it, so a run stored before the
+        field existed was trained with that default.
+        """
+        out: dict[str, Any] = {}
+        for section, section_cls in SECTIONS.items():
+            for f in dataclasses.fields(section_cls):
+                if f.default is not dataclasses.MISSING:
+                    out[f"{section}.{f.name}"] = f.default
         return out
 
     def with_overrides(self, overrides: list[str] | tuple[str, ...]) -> Config:
@@ -193,7 +206,7 @@ class Config:
             section, dot, name = key.strip().partition(".")
             if not sep or not dot:
                 raise ConfigError(f"override {item!r} must look like section.field=value (e.g. train.lr=1e-5)")
-            if section not in ("model", "diffusion", "train"):
+            if section not in SECTIONS:
                 raise ConfigError(f"override {item!r}: unknown section {section!r}; use model, diffusion or train")
             current = getattr(config, section)
             fields = {f.name: f for f in dataclasses.fields(current)}

@@ -25,6 +25,10 @@ def build_optimizer(model: nn.Module, config: TrainConfig) -> torch.optim.Adam:
                             weight_decay=0.0, fused=True)
 
 
+def build_ema(model: nn.Module, config: TrainConfig) -> EMA:
+    return EMA(model, config.ema_decay, config.ema_debias)
+
+
 def learning_rate(step: int, config: TrainConfig) -> float:
     """lr · min(step / warmup, 1), the official `get_warmed_up_lr` (step = updates done so far)."""
     if config.warmup_steps == 0:

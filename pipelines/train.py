@@ -29,7 +29,6 @@ import torch
 from ddpm_core.checkpoint import TrainingState, load_checkpoint, save_checkpoint
 from ddpm_core.config import Config, ConfigError
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.ema import EMA
 from ddpm_core.loader import TrainLoader
 from ddpm_core.pixels import image_grid, to_uint8
 from ddpm_core.presets import PRESETS, get_preset
@@ -37,7 +36,7 @@ from ddpm_core.rng import image_generators, image_seed
 from ddpm_core.sampling import bf16_is_fast
 from ddpm_core.sharding import DatasetError, read_dataset_info
 from ddpm_core.storage import StorageError, open_storage
-from ddpm_core.training import build_optimizer, train_step
+from ddpm_core.training import build_ema, build_optimizer, train_step
 from ddpm_core.unet import UNet
 
 log = logging.getLogger("ddpm.train")
@@ -231,7 +230,7 @@ def train_loop_per_worker(loop: dict) -> dict:
     if cuda:
         model = model.to(memory_format=torch.channels_last)
     diffusion = GaussianDiffusion.from_config(config.diffusion)
-    optimizer, ema = build_optimizer(model, train), EMA(model, train.ema_decay)
+    optimizer, ema = build_optimizer(model, train), build_ema(model, train)
     state = TrainingState(step=0, config=config.to_dict(), seed=train.seed)
     checkpoint = ray.train.get_checkpoint()
     if checkpoint:
@@ -474,7 +473,13 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def check_resumable(name: str, started: dict[str, str], now: dict[str, str]) -> None:
-    """Refuse to resume run `name` if the params it was started with differ from `now` outside RESUMABLE."""
+    """Refuse to resume run `name` if the params it was started with differ from `now` outside RESUMABLE.
+
+    A config field the run has no param for (it was started before the field existed) counts as its default.
+    """
+    from pipelines.tracking import param_value
+
+    started = {**{k: param_value(v) for k, v in Config.field_defaults().items()}, **started}
     differ = sorted(k for k in started.keys() | now.keys() if k not in RESUMABLE and started.get(k) != now.get(k))
     if differ:
         def settings(params: dict[str, str]) -> str:

@@ -22,8 +22,8 @@ def test_paper_hyper_parameters():
         d, t = c.diffusion, c.train
         assert (d.timesteps, d.beta_start, d.beta_end, d.beta_schedule, d.clip_denoised) == (
             1000, 1e-4, 0.02, "linear", True)
-        assert (t.warmup_steps, t.grad_clip, t.ema_decay, t.adam_eps, t.adam_betas) == (
-            5000, 1.0, 0.9999, 1e-8, (0.9, 0.999))
+        assert (t.warmup_steps, t.grad_clip, t.ema_decay, t.ema_debias, t.adam_eps, t.adam_betas) == (
+            5000, 1.0, 0.9999, False, 1e-8, (0.9, 0.999))
     assert get_preset("lsun_bedroom256").train.random_flip is False  # the paper: no flips for bedroom
     assert get_preset("lsun_bedroom256_large").model.ch == 192
 

@@ -28,3 +28,19 @@ def test_state_round_trip_and_bad_decay():
     assert torch.equal(other.model.weight, ema.model.weight)
     with pytest.raises(ValueError, match=r"EMA decay must be in \[0, 1\), got 1.5"):
         EMA(model, 1.5)
+
+
+def test_debiased_average_gives_the_starting_weights_no_share():
+    model = torch.nn.Linear(1, 1, bias=False)
+    ema, d = EMA(model, decay=0.9, debias=True), 0.9
+    values = [5.0, 1.0, 2.0, 4.0]
+    for step, value in enumerate(values):
+        with torch.no_grad():
+            model.weight.fill_(value)
+        ema.update(model, step)
+        # Kingma & Ba's bias-corrected average of the weights after updates 0..step.
+        weights = [(1 - d) * d ** (step - k) for k in range(step + 1)]
+        expected = sum(w * v for w, v in zip(weights, values)) / (1 - d ** (step + 1))
+        assert abs(ema.model.weight.item() - expected) < 1e-6, step
+    assert ema.decay_at(0) == 0.0 and abs(ema.decay_at(1) - 0.9 * 0.1 / 0.19) < 1e-12
+    assert ema.decay_at(10_000) == 0.9 and EMA(model, 0.9).decay_at(1) == 0.9

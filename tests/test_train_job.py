@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import sqlite3
 import subprocess
 import sys
 from pathlib import Path
@@ -16,12 +17,13 @@ from mlflow.tracking import MlflowClient
 from safetensors.torch import load_file
 
 from ddpm_core.checkpoint import load_ema_unet, read_state
+from ddpm_core.config import ConfigError
 from ddpm_core.ema import EMA
 from ddpm_core.presets import get_preset
 from ddpm_core.training import build_optimizer
 from ddpm_core.unet import UNet
 from pipelines.tracking import REPLACED_BY_TAG, RUN_NAME_TAG, find_or_create_run
-from pipelines.train import CHECKPOINT_DIR_TAG
+from pipelines.train import CHECKPOINT_DIR_TAG, check_resumable
 from pipelines.train import main as train_main
 from tests.errors import expect_one_error
 from tests.mlflow_servers import LOG_BATCH, OutageProxy
@@ -225,6 +227,10 @@ def test_resume_refuses_another_dataset_or_config_and_force_new_starts_over(tmp_
     client, refused = the_run(tmp_path)
     assert refused.info.status == "FINISHED" and refused.info.end_time == first.info.end_time  # left as it was
 
+    # A run started before a config field existed has no param for it: it counts as the field's default.
+    with sqlite3.connect(tmp_path / "mlflow.db") as db:
+        assert db.execute("DELETE FROM params WHERE key = 'model.init' AND run_uuid = ?",
+                          (first.info.run_id,)).rowcount == 1
     # train.steps may change: the run goes on from its step-8 checkpoint, in the same MLflow run.
     assert train_main(job(tmp_path, dataset, "--workers", "1", "--set", "train.steps=16")) == 0
     assert "resuming run 'tiny-run' with train.steps=16 (was 8)" in caplog.text
@@ -251,6 +257,15 @@ def test_resume_refuses_another_dataset_or_config_and_force_new_starts_over(tmp_
         "checkpoint_000000008", "checkpoint_000000016"]
     found, resumed = find_or_create_run(client, first.info.experiment_id, "tiny-run", {}, {})
     assert resumed and found.info.run_id == new.info.run_id  # the next command resumes the new run
+
+
+def test_a_param_the_run_lacks_is_the_fields_default_when_resuming():
+    now = {k: str(v) for k, v in get_preset("tiny").flat().items()}
+    before_init = {k: v for k, v in now.items() if k != "model.init"}
+    check_resumable("old", before_init, now)  # model.init=paper, the default: the behaviour before the field
+    with pytest.raises(ConfigError, match="^run 'old' was started with model.init=paper; this command has "
+                                          "model.init=pytorch; use the same settings"):
+        check_resumable("old", before_init, {**now, "model.init": "pytorch"})
 
 
 def test_an_mlflow_outage_during_training_loses_no_point_and_fails_nothing(tmp_path, dataset, ray_local,

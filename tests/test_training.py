@@ -3,9 +3,8 @@ import torch
 
 from ddpm_core.config import TrainConfig
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.ema import EMA
 from ddpm_core.presets import get_preset
-from ddpm_core.training import build_optimizer, learning_rate, train_step
+from ddpm_core.training import build_ema, build_optimizer, learning_rate, train_step
 from ddpm_core.unet import UNet
 
 
@@ -30,7 +29,7 @@ def test_tiny_model_trained_150_steps_lowers_its_loss_clearly():
     torch.manual_seed(0)
     model = UNet(config.model)
     diffusion = GaussianDiffusion.from_config(config.diffusion)
-    optimizer, ema = build_optimizer(model, config.train), EMA(model, config.train.ema_decay)
+    optimizer, ema = build_optimizer(model, config.train), build_ema(model, config.train)
     g = torch.Generator().manual_seed(0)
     eval_x0 = simple_images(64, torch.Generator().manual_seed(99))
     eval_t = torch.randint(0, 1000, (64,), generator=torch.Generator().manual_seed(98))
@@ -60,7 +59,7 @@ def test_a_non_finite_loss_skips_the_update():
     config = get_preset("tiny")
     model = UNet(config.model)
     diffusion = GaussianDiffusion.from_config(config.diffusion)
-    optimizer, ema = build_optimizer(model, config.train), EMA(model, config.train.ema_decay)
+    optimizer, ema = build_optimizer(model, config.train), build_ema(model, config.train)
     before = [p.detach().clone() for p in model.parameters()]
     with torch.no_grad():
         model.conv_out.bias.fill_(float("inf"))
@@ -81,7 +80,7 @@ def test_micro_batches_accumulate_to_the_same_gradient_as_the_whole_batch():
         torch.manual_seed(0)
         model = UNet(config.model)
         train = dataclasses.replace(config.train, micro_batch=micro, warmup_steps=0)
-        optimizer, ema = build_optimizer(model, train), EMA(model, train.ema_decay)
+        optimizer, ema = build_optimizer(model, train), build_ema(model, train)
         t = torch.randint(0, 1000, (8,), generator=torch.Generator().manual_seed(1))
         noise = torch.randn(x0.shape, generator=torch.Generator().manual_seed(2))
         chunks = iter(zip(t.split(micro or 8), noise.split(micro or 8)))
