@@ -64,7 +64,11 @@ class MlflowServer:
             os.killpg(self.process.pid, signal.SIGTERM)
         except ProcessLookupError:
             pass
-        self.process.wait(30)
+        try:
+            self.process.wait(10)
+        except subprocess.TimeoutExpired:  # a loaded machine: the workers' graceful shutdown can take minutes
+            os.killpg(self.process.pid, signal.SIGKILL)
+            self.process.wait()
         self.process = None
         self.log.close()
         while True:
