@@ -63,6 +63,17 @@ class ResnetBlock(nn.Module):
         return skip + h
 
 
+def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """softmax(q kᵀ / √C) v over (B, N, C) tokens, one head (the official C^-0.5 scale)."""
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:
+        # The CPU's bf16 SDPA kernels are 1.8–5× slower than these two bmm at the presets' 64–256 tokens
+        # (bench/attention_cpu.py). fp32 keeps SDPA, as fast as bmm or faster there, and CUDA its fused kernels.
+        weights = torch.bmm(q, k.transpose(1, 2)) * q.shape[-1] ** -0.5
+        return torch.bmm(torch.softmax(weights, dim=-1), v)
+    # SDPA's default scale is 1/sqrt(C); it picks a fused kernel.
+    return F.scaled_dot_product_attention(q, k, v)
+
+
 class AttnBlock(nn.Module):
     """Single-head self-attention over all H·W positions, softmax(q kᵀ / √C) v, added residually."""
 
@@ -78,12 +89,11 @@ class AttnBlock(nn.Module):
         b, c, height, width = x.shape
         h = self.norm(x)
 
-        def tokens(proj: nn.Conv2d) -> torch.Tensor:  # (B, 1 head, H·W, C)
-            return proj(h).reshape(b, 1, c, height * width).transpose(2, 3)
+        def tokens(proj: nn.Conv2d) -> torch.Tensor:  # (B, H·W, C)
+            return proj(h).reshape(b, c, height * width).transpose(1, 2)
 
-        # SDPA's default scale is 1/sqrt(C), the official C^-0.5; it picks a fused kernel.
-        attended = F.scaled_dot_product_attention(tokens(self.q), tokens(self.k), tokens(self.v))
-        return x + self.proj_out(attended.transpose(2, 3).reshape(b, c, height, width))
+        attended = attention(tokens(self.q), tokens(self.k), tokens(self.v))
+        return x + self.proj_out(attended.transpose(1, 2).reshape(b, c, height, width))
 
 
 class Downsample(nn.Module):

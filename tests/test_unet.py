@@ -121,18 +121,43 @@ def trained_like_tiny(seed=0):
     return model
 
 
-def test_attention_equals_explicit_softmax():
+def attention_block_and_input() -> tuple[AttnBlock, torch.Tensor]:
     block = AttnBlock(32)
     torch.manual_seed(1)
     with torch.no_grad():
         for p in block.parameters():
             p.copy_(torch.randn_like(p) * 0.2)
-    x = torch.randn(2, 32, 8, 8)
+    return block, torch.randn(2, 32, 8, 8)
+
+
+def explicit_attention(block: AttnBlock, x: torch.Tensor) -> torch.Tensor:
     h = block.norm(x)
     q, k, v = (proj(h).reshape(2, 32, 64) for proj in (block.q, block.k, block.v))
     weights = torch.softmax(torch.einsum("bci,bcj->bij", q, k) * 32**-0.5, dim=-1)
-    expected = x + block.proj_out(torch.einsum("bij,bcj->bci", weights, v).reshape(2, 32, 8, 8))
-    assert torch.allclose(block(x), expected, atol=1e-5)
+    return x + block.proj_out(torch.einsum("bij,bcj->bci", weights, v).reshape(2, 32, 8, 8))
+
+
+def test_attention_equals_explicit_softmax():
+    block, x = attention_block_and_input()
+    assert torch.allclose(block(x), explicit_attention(block, x), atol=1e-5)
+
+
+def test_bf16_attention_on_cpu_matches_fp32_values_and_gradients():
+    # Under CPU bf16 autocast the block attends by two bmm instead of SDPA (ddpm_core.unet.attention).
+    block, x = attention_block_and_input()
+    with torch.no_grad():  # sharper attention, so that its scale and softmax weigh in the values
+        block.q.weight.mul_(4)
+        block.k.weight.mul_(4)
+    outputs, grads = [], []
+    for bf16 in (False, True):
+        block.zero_grad()
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+            attended = (block(x) if bf16 else explicit_attention(block, x)) - x
+        attended.float().square().sum().backward()
+        outputs.append(attended.float())
+        grads.append(torch.cat([p.grad.flatten() for p in block.parameters()]))
+    assert (outputs[1] - outputs[0]).norm() / outputs[0].norm() < 0.01
+    assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.01
 
 
 def test_downsample_pads_bottom_right_like_tf_same():
