@@ -32,6 +32,7 @@ demo: setup
 
 bench: setup
 	$(BIN)/python bench/unet_cpu.py
+	$(BIN)/python bench/attention_cpu.py
 	$(BIN)/python bench/shard_throughput.py
 	$(BIN)/python bench/train_cpu.py
 	$(BIN)/python bench/sample_cpu.py
