@@ -70,8 +70,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor
         # (bench/attention_cpu.py). fp32 keeps SDPA, as fast as bmm or faster there, and CUDA its fused kernels.
         weights = torch.bmm(q, k.transpose(1, 2)) * q.shape[-1] ** -0.5
         return torch.bmm(torch.softmax(weights, dim=-1), v)
-    # SDPA's default scale is 1/sqrt(C); it picks a fused kernel.
-    return F.scaled_dot_product_attention(q, k, v)
+    # SDPA's default scale is 1/sqrt(C); it picks a fused kernel, which takes only (B, heads, N, C) inputs.
+    return F.scaled_dot_product_attention(q[:, None], k[:, None], v[:, None])[:, 0]
 
 
 class AttnBlock(nn.Module):
