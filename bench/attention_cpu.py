@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 
 from ddpm_core.unet import attention  # noqa: E402
 
-SHAPES = {"tiny 8×8": (64, 64), "demo 16×16": (256, 64), "demo 8×8": (64, 64), "256² 16×16": (256, 512)}
+SHAPES = {"demo 16×16": (256, 64), "tiny/demo 8×8": (64, 64), "256² 16×16": (256, 512)}
 
 
 def seconds(fn, q, k, v, backward: bool, calls: int = 5) -> float:
@@ -44,7 +44,7 @@ def main() -> None:
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     print(f"batch {args.batch}, {args.threads} thread(s), medians of {args.repeats}; ms per call")
-    print(f"{'shape':<12} {'tokens×C':>9} {'dtype':>5} {'pass':>9} {'SDPA':>7} {'project':>8} {'SDPA / project':>15}")
+    print(f"{'shape':<13} {'tokens×C':>9} {'dtype':>5} {'pass':>9} {'SDPA':>7} {'project':>8} {'SDPA / project':>15}")
     for name, (tokens, channels) in SHAPES.items():
         for dtype in (torch.float32, torch.bfloat16):
             for backward in (False, True):
@@ -61,7 +61,7 @@ def main() -> None:
                 sdpa, ours = (statistics.median(times[p]) * 1e3 for p in paths)
                 kind = "fwd+bwd" if backward else "fwd"
                 label = "bf16" if dtype == torch.bfloat16 else "fp32"
-                print(f"{name:<12} {f'{tokens}×{channels}':>9} {label:>5} {kind:>9} {sdpa:7.2f} {ours:8.2f} "
+                print(f"{name:<13} {f'{tokens}×{channels}':>9} {label:>5} {kind:>9} {sdpa:7.2f} {ours:8.2f} "
                       f"{sdpa / ours:14.2f}×")
 
 

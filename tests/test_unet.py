@@ -158,6 +158,16 @@ def test_bf16_attention_on_cpu_matches_fp32_values_and_gradients():
         grads.append(torch.cat([p.grad.flatten() for p in block.parameters()]))
     assert (outputs[1] - outputs[0]).norm() / outputs[0].norm() < 0.01
     assert (grads[1] - grads[0]).norm() / grads[0].norm() < 0.01
+    assert "aten::scaled_dot_product_attention" in attention_ops(block, x, bf16=False)
+    bf16_ops = attention_ops(block, x, bf16=True)
+    assert "aten::scaled_dot_product_attention" not in bf16_ops and "aten::bmm" in bf16_ops
+
+
+def attention_ops(block: AttnBlock, x: torch.Tensor, bf16: bool) -> set[str]:
+    """The aten ops one forward of the block runs (fp32, or under CPU bf16 autocast)."""
+    with torch.profiler.profile() as profile, torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+        block(x)
+    return {event.key for event in profile.key_averages()}
 
 
 def test_downsample_pads_bottom_right_like_tf_same():
