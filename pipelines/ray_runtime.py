@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import atexit
+import contextlib
 import logging
 import os
 import secrets
@@ -115,10 +116,17 @@ def configure_logging() -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
 
+def free_ports(count: int) -> list[int]:
+    """`count` distinct ports free on 127.0.0.1: all held open at once, as one after another the OS may repeat one."""
+    with contextlib.ExitStack() as stack:
+        sockets = [stack.enter_context(socket.socket()) for _ in range(count)]
+        for sock in sockets:
+            sock.bind(("127.0.0.1", 0))
+        return [sock.getsockname()[1] for sock in sockets]
+
+
 def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
+    return free_ports(1)[0]
 
 
 class LocalHead:
@@ -143,7 +151,8 @@ class LocalHead:
         # Short: Ray's unix sockets live below it (at most 107 characters).
         self.temp_dir = Path(tempfile.mkdtemp(prefix="ddpm-ray-head-"))
         ray_cli = shutil.which("ray") or str(Path(sys.executable).parent / "ray")
-        gcs_port, dashboard_port = free_port(), free_port()
+        # Distinct: Ray refuses to start when two of its components are given the same port.
+        gcs_port, dashboard_port, *component_ports = free_ports(2 + len(self.PORT_FLAGS))
         self.address, self.job_api = f"127.0.0.1:{gcs_port}", f"http://127.0.0.1:{dashboard_port}"
         env = {**os.environ, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
         with open(log_path, "ab") as log_file:
@@ -151,7 +160,7 @@ class LocalHead:
                 [ray_cli, "start", "--head", "--block", "--node-ip-address=127.0.0.1", f"--port={gcs_port}",
                  f"--num-cpus={num_cpus}", "--dashboard-host=127.0.0.1", f"--dashboard-port={dashboard_port}",
                  "--disable-usage-stats", f"--temp-dir={self.temp_dir}",
-                 *(f"--{flag}={free_port()}" for flag in self.PORT_FLAGS)],
+                 *(f"--{flag}={port}" for flag, port in zip(self.PORT_FLAGS, component_ports))],
                 stdout=log_file, stderr=subprocess.STDOUT, env=env, start_new_session=True)
         try:
             self._wait_for_job_api(timeout, log_path)

@@ -6,6 +6,7 @@ no token, as a new user's shell would.
 
 import os
 import re
+import socket
 import subprocess
 import sys
 import textwrap
@@ -13,6 +14,7 @@ from pathlib import Path
 
 import pytest
 
+from pipelines.ray_runtime import free_ports
 from tests.datasets import make_lsun_lmdb
 
 HEAD_SCRIPT = textwrap.dedent("""
@@ -87,3 +89,13 @@ def test_a_job_without_an_address_starts_a_local_ray_with_a_token_of_its_own(tmp
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     assert sorted(p.name for p in (tmp_path / "data" / "shards").iterdir()) == ["train-000000.tar", "train-000001.tar"]
     assert not (home / ".ray").exists()
+
+
+def test_a_local_heads_ports_are_distinct_and_free():
+    # One after another, the OS repeats a just-released port: 9 picks (a LocalHead's) repeated one in about
+    # 200 starts, and Ray refused to start ("trying to use a port number ... used by other components").
+    for _ in range(5):
+        ports = free_ports(200)
+        assert len(set(ports)) == 200
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", ports[0]))  # released again: free for Ray to take
