@@ -15,9 +15,10 @@ for the same number of steps (the project paths with their preset's EMA scheme: 
 same seeds).
 
 Paths (all in this one process, stepped round-robin so that other load on the machine hits each alike):
-- project: ddpm_core exactly as pipelines/train.py runs it on one rank, without Ray: `TrainLoader`
-  over the shards (one loader worker), the job's per-step seeding, `train_step` (bf16 autocast where
-  the CPU has native bf16, as the job), `EMA`, `UNet` built from the bench's `ModelConfig`.
+- project: ddpm_core's `TrainingLoop`, as the training job's worker runs it on one rank, without Ray:
+  over a `TrainLoader` of the shards (one loader worker), bf16 autocast where the CPU has native bf16
+  (as the job), `UNet` built from the bench's `ModelConfig`; one `run` per step (`stop_at`), each
+  continuing the batches of the last.
 - reference: a plain loop: the same decoded images in memory, a new permutation every epoch,
   diffusers' `UNet2DModel` with the same architecture and its default init, MSE on ε, Adam, clip
   1.0, EMA by lerp from a copy, fp32.
@@ -54,19 +55,20 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 from PIL import Image  # noqa: E402
 
-from ddpm_core.config import DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
+from ddpm_core.checkpoint import TrainingState  # noqa: E402
+from ddpm_core.config import Config, DiffusionConfig, ModelConfig, TrainConfig  # noqa: E402
 from ddpm_core.diffusers_bridge import diffusers_config  # noqa: E402
 from ddpm_core.diffusion import GaussianDiffusion  # noqa: E402
 from ddpm_core.image_prep import Preprocess  # noqa: E402
 from ddpm_core.loader import TrainLoader, decode_image  # noqa: E402
 from ddpm_core.model_stats import count_parameters  # noqa: E402
 from ddpm_core.presets import get_preset  # noqa: E402
-from ddpm_core.rng import image_generators, image_seed  # noqa: E402
+from ddpm_core.rng import image_generators  # noqa: E402
 from ddpm_core.sampling import bf16_is_fast  # noqa: E402
 from ddpm_core.sharding import ShardJob, build_shard  # noqa: E402
 from ddpm_core.sources import FolderSource  # noqa: E402
 from ddpm_core.storage import open_storage  # noqa: E402
-from ddpm_core.training import build_ema, build_optimizer, train_step  # noqa: E402
+from ddpm_core.training import TrainingHooks, TrainingLoop, build_ema, build_optimizer  # noqa: E402
 from ddpm_core.unet import UNet  # noqa: E402
 
 PATHS = ("project", "reference", "reference-ours", "project-fp32")
@@ -175,35 +177,28 @@ class PlainLoop:
 
 
 class ProjectPath:
-    """ddpm_core as pipelines/train.py's rank 0 of a one-worker job runs it (without Ray)."""
+    """ddpm_core's TrainingLoop as rank 0 of a one-worker training job runs it (without Ray), a step per call."""
 
-    def __init__(self, model_config: ModelConfig, data: str, diffusion: GaussianDiffusion, train: TrainConfig,
-                 bf16: bool):
+    def __init__(self, config: Config, data: str, diffusion: GaussianDiffusion, bf16: bool):
+        train = config.train
         torch.manual_seed(train.seed)
-        self.model = UNet(model_config)
-        self.diffusion, self.train = diffusion, train
-        self.optimizer, self.ema = build_optimizer(self.model, train), build_ema(self.model, train)
+        model = UNet(config.model)
+        self.loop = TrainingLoop(model, diffusion, build_optimizer(model, train), build_ema(model, train), config,
+                                 "cpu", autocast_dtype=torch.bfloat16 if bf16 else None)
         self.loader = TrainLoader(data, train.batch_size, num_workers=1, seed=train.seed,
-                                  random_flip=train.random_flip, resolution=model_config.resolution,
-                                  channels=model_config.in_channels)
-        self.autocast = torch.bfloat16 if bf16 else None
-        self.step, self.epoch, self.batches = 0, 0, iter(self.loader)
+                                  random_flip=train.random_flip, resolution=config.model.resolution,
+                                  channels=config.model.in_channels)
+        self.state = TrainingState(step=0, config=config.to_dict(), seed=train.seed)
+        # A run ending at `stop_at` reports its state there: where the next call continues.
+        self.hooks = TrainingHooks(on_checkpoint=lambda state, result: setattr(self, "state", state))
 
     def __call__(self) -> None:
-        try:
-            images, _ = next(self.batches)
-        except StopIteration:
-            self.epoch += 1
-            self.loader.set_epoch(self.epoch)
-            self.batches = iter(self.loader)
-            images, _ = next(self.batches)
-        torch.manual_seed(image_seed(self.train.seed, self.step))
-        train_step(self.model, self.diffusion, self.optimizer, self.ema, images, self.step, self.train,
-                   autocast_dtype=self.autocast)
-        self.step += 1
+        result = self.loop.run(self.loader, self.state, self.hooks, stop_at=self.state.step + 1)
+        if result.stopped:
+            raise RuntimeError(result.stopped)
 
     def denoiser(self):
-        return self.ema.model
+        return self.loop.ema.model
 
 
 def diffusers_unet(config: ModelConfig) -> torch.nn.Module:
@@ -217,7 +212,9 @@ def train_and_judge(args, seed: int, checkpoints: list[int], paths: list[str], m
     """(steps, path, score, images/s) of every path at every step count, for one seed."""
     train = TrainConfig(lr=args.lr, batch_size=args.batch, warmup_steps=args.warmup, ema_decay=args.ema,
                         ema_debias=ema_debias, random_flip=False, steps=checkpoints[-1], seed=seed)
-    diffusion = GaussianDiffusion.from_config(DiffusionConfig(variance="fixedlarge"))
+    config = Config(preset=args.preset, model=model_config, diffusion=DiffusionConfig(variance="fixedlarge"),
+                    train=train)
+    diffusion = GaussianDiffusion.from_config(config.diffusion)
     bf16 = bf16_is_fast("cpu")
     with tempfile.TemporaryDirectory(prefix="ddpm-bench-learn-") as tmp:
         data = write_dataset(Path(tmp), model_config.resolution)
@@ -225,7 +222,7 @@ def train_and_judge(args, seed: int, checkpoints: list[int], paths: list[str], m
         runners = {}
         for name in paths:
             if name.startswith("project"):
-                runners[name] = ProjectPath(model_config, data, diffusion, train, bf16 and name == "project")
+                runners[name] = ProjectPath(config, data, diffusion, bf16 and name == "project")
             else:
                 torch.manual_seed(seed)
                 ours = name == "reference-ours"

@@ -29,6 +29,7 @@ from torch import nn
 
 from .config import Config
 from .ema import EMA
+from .errors import UserError
 from .storage import sha256_file
 from .unet import UNet
 
@@ -36,7 +37,7 @@ MODEL, EMA_WEIGHTS, OPTIMIZER, STATE = "model.safetensors", "ema.safetensors", "
 CONFIG, WEIGHTS_SHA256 = "config.json", "ema.safetensors.sha256"
 
 
-class CheckpointError(ValueError):
+class CheckpointError(UserError):
     """A checkpoint directory that is incomplete or does not match the model."""
 
 
@@ -104,7 +105,7 @@ def load_checkpoint(directory: str | os.PathLike, model: nn.Module, ema: EMA,
 def load_ema_unet(directory: str | os.PathLike, weights: str = EMA_WEIGHTS) -> tuple[UNet, Config]:
     """The EMA model of a checkpoint (or of a registered model's artifacts), ready to sample."""
     path = Path(directory)
-    config_file = path / STATE if (path / STATE).is_file() else path / "config.json"
+    config_file = path / STATE if (path / STATE).is_file() else path / CONFIG
     if not config_file.is_file() or not (path / weights).is_file():
         raise CheckpointError(f"{path} holds no model: expected {weights} and state.json or config.json")
     data = json.loads(config_file.read_text())
@@ -128,6 +129,17 @@ def save_model_folder(directory: str | os.PathLike, model: nn.Module, config: Co
     path.mkdir(parents=True, exist_ok=True)
     (path / WEIGHTS_SHA256).unlink(missing_ok=True)
     save_file(_state_dict(model), str(path / EMA_WEIGHTS))
+    (path / CONFIG).write_text(config.to_json())
+    seal_model_folder(path)
+    return path
+
+
+def copy_model_folder(source: str | os.PathLike, directory: str | os.PathLike, config: Config) -> Path:
+    """A model folder at `directory` from the EMA weights of a checkpoint or model folder `source`."""
+    path = Path(directory)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / WEIGHTS_SHA256).unlink(missing_ok=True)
+    shutil.copy(Path(source) / EMA_WEIGHTS, path / EMA_WEIGHTS)
     (path / CONFIG).write_text(config.to_json())
     seal_model_folder(path)
     return path

@@ -8,16 +8,19 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any
+
+from .errors import UserError
 
 VARIANCE_TYPES = ("fixedlarge", "fixedsmall")
 BETA_SCHEDULES = ("linear",)
 GROUPNORM_GROUPS = 32
 
 
-class ConfigError(ValueError):
+class ConfigError(UserError):
     """A configuration value or override that cannot be used."""
 
 
@@ -127,8 +130,13 @@ class TrainConfig:
     max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
 
     def __post_init__(self) -> None:
-        if self.lr <= 0:
-            raise ConfigError(f"train.lr must be positive, got {self.lr}")
+        # nan passes every `<=` test: checked here, as the workers' optimiser would only fail (or diverge) later.
+        for name in ("lr", "adam_eps"):
+            value = getattr(self, name)
+            if not (math.isfinite(value) and value > 0):
+                raise ConfigError(f"train.{name} must be positive and finite, got {value}")
+        if len(self.adam_betas) != 2 or not all(0.0 <= beta < 1.0 for beta in self.adam_betas):
+            raise ConfigError(f"train.adam_betas must be two numbers in [0, 1), got {self.adam_betas}")
         if self.batch_size < 1:
             raise ConfigError(f"train.batch_size must be >= 1, got {self.batch_size}")
         if self.warmup_steps < 0 or self.steps < 0:
@@ -137,7 +145,7 @@ class TrainConfig:
             )
         if not 0.0 <= self.ema_decay < 1.0:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
-        if self.grad_clip <= 0:
+        if not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
         for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "max_nonfinite_steps"):
             if getattr(self, name) < 1:

@@ -24,6 +24,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from .config import Config, ConfigError, ModelConfig
+from .errors import UserError
 from .presets import PRESETS, get_preset
 from .unet import UNet
 
@@ -46,7 +47,7 @@ FAITHFUL = {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, 
             "resnet_time_scale_shift": "default", "time_embedding_type": "positional"}
 
 
-class BridgeError(ValueError):
+class BridgeError(UserError):
     """A diffusers folder or model that does not map onto the DDPM U-Net, with the reason."""
 
 

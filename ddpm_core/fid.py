@@ -10,14 +10,20 @@ Score exp(E_x KL(p(y|x) || p(y))) is streamed per split as (n, Σ p(y|x), Σ Σ_
 from __future__ import annotations
 
 import io
+import logging
+import time
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
+from .errors import UserError
+
 FEATURE_DIM = 2048
+log = logging.getLogger(__name__)
 
 
-class StatsError(ValueError):
+class StatsError(UserError):
     """Statistics or a reference file that cannot be used, with the reason."""
 
 
@@ -143,4 +149,24 @@ def image_statistics(inception, images: np.ndarray, indices: np.ndarray, batch_s
         pool, logits = inception(batch.to(device))
         features = features + FeatureStats.of(pool.double().cpu().numpy())
         scores = scores + ScoreStats.of(logits.double().cpu().numpy(), indices[start:start + batch_size])
+    return features, scores
+
+
+def statistics_row(features: FeatureStats, scores: ScoreStats) -> dict[str, np.ndarray]:
+    """Statistics as one row of a Ray Data stage (or of its in-process stand-in), exactly mergeable."""
+    return {"n": np.array([features.n]), "total": features.total[None], "outer": features.outer[None],
+            "is_n": scores.n[None], "is_prob": scores.prob_sum[None], "is_plogp": scores.plogp_sum[None]}
+
+
+def merge_statistics(rows: Iterable[dict], total: int, what: str) -> tuple[FeatureStats, ScoreStats]:
+    """The sum of `statistics_row` rows (a row with only `n` counts images without statistics), logging progress
+    as `what done/total`."""
+    features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+    done, started = 0, time.monotonic()
+    for row in rows:
+        done += int(row["n"])
+        if "total" in row:
+            features = features + FeatureStats(int(row["n"]), row["total"], row["outer"])
+            scores = scores + ScoreStats(row["is_n"], row["is_prob"], row["is_plogp"])
+        log.info("%s %d/%d, %.2f/s", what, done, total, done / (time.monotonic() - started))
     return features, scores

@@ -1,8 +1,9 @@
-"""Turn one source image into one training image: decode, convert to RGB, centre-crop, resize, encode.
+"""Turn one source image into one training image: decode, orient, convert to RGB, centre-crop, resize, encode.
 
 LSUN follows StyleGAN2's `create_lsun` as DDPM did (centre square crop, then LANCZOS to 256);
 CelebA-HQ 1024→256 uses BOX, which equals the ProGAN pyramid's two 2×2 averages with one rounding.
-Encodings are lossless (PNG by default, or lossless WebP) and deterministic.
+Encodings are lossless (PNG by default, or lossless WebP) and deterministic. An image over MAX_PIXELS
+is rejected from its header, before it is decoded.
 """
 
 from __future__ import annotations
@@ -11,10 +12,19 @@ import io
 from dataclasses import asdict, dataclass
 
 import numpy as np
-from PIL import Image, features
+from PIL import Image, ImageOps, features
+
+from .errors import UserError
 
 FILTERS = {"lanczos": Image.Resampling.LANCZOS, "box": Image.Resampling.BOX, "bicubic": Image.Resampling.BICUBIC}
 ENCODINGS = ("png", "webp")
+# An 8K square: above any camera's photo, and 200 MB once decoded to RGB. PIL itself only warns below
+# twice its own limit (179 Mpx), and a few-KB PNG can declare 150 Mpx.
+MAX_PIXELS = 8192 * 8192
+
+
+class PreprocessError(UserError, ValueError):
+    """Preprocessing settings that cannot be used (a resolution, filter or encoding), naming the setting."""
 
 
 class ImageRejected(ValueError):
@@ -33,13 +43,20 @@ def sniff_format(data: bytes) -> str | None:
 
 
 def decode_rgb(data: bytes) -> tuple[Image.Image, str]:
-    """Decode JPEG/PNG/WebP bytes to an RGB image; transparent pixels are composited onto white."""
+    """Decode JPEG/PNG/WebP bytes to an upright RGB image (EXIF orientation applied); transparent pixels
+    are composited onto white."""
     kind = sniff_format(data)
     if kind is None:
         raise ImageRejected(f"not a JPEG, PNG or WebP image (first bytes {data[:12].hex()})")
     try:
-        image = Image.open(io.BytesIO(data))
+        image = Image.open(io.BytesIO(data))  # the header only: nothing is decoded yet
+        if image.width * image.height > MAX_PIXELS:
+            raise ImageRejected(f"{image.width}×{image.height} pixels is over the {MAX_PIXELS:,}-pixel limit: "
+                                "not decoded")
         image.load()
+        ImageOps.exif_transpose(image, in_place=True)
+    except ImageRejected:
+        raise
     except Exception as error:  # noqa: BLE001 - any decoder failure is a rejected input
         raise ImageRejected(f"{kind} decode failed: {error}") from None
     return to_rgb(image), kind
@@ -69,13 +86,13 @@ class Preprocess:
 
     def __post_init__(self) -> None:
         if self.resolution < 8:
-            raise ValueError(f"resolution must be >= 8, got {self.resolution}")
+            raise PreprocessError(f"resolution must be >= 8, got {self.resolution}")
         if self.filter not in FILTERS:
-            raise ValueError(f"resize filter {self.filter!r} is unknown; choose one of {', '.join(FILTERS)}")
+            raise PreprocessError(f"resize filter {self.filter!r} is unknown; choose one of {', '.join(FILTERS)}")
         if self.encoding not in ENCODINGS:
-            raise ValueError(f"image encoding {self.encoding!r} is unknown; choose png or webp")
+            raise PreprocessError(f"image encoding {self.encoding!r} is unknown; choose png or webp")
         if self.encoding == "webp" and not features.check("webp"):
-            raise ValueError("this Pillow build has no WebP support; use --encoding png")
+            raise PreprocessError("this Pillow build has no WebP support; use --encoding png")
 
     def describe(self) -> dict:
         return {**asdict(self), "crop": "centre square", "pillow": Image.__version__}

@@ -31,6 +31,7 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+from .errors import UserError
 from .storage import sha256_file
 
 # The pytorch-fid / torch-fidelity state_dict of the TF 2015-12-05 graph (95,628,359 bytes).
@@ -50,11 +51,13 @@ INPUT_SIZE = 299
 WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{FILE_NAMES[0]}"
 URL_ENV = "DDPM_INCEPTION_URL"
 DOWNLOAD_ENV = "DDPM_INCEPTION_DOWNLOAD"  # "0": never download (air-gapped clusters)
+RANDOM_INIT_SEED = 0  # the pseudo-FID network's seed: its statistics compare only with this seed's
+FEATURES = ("inception", "random-init", "none")  # the FID network, its random-init variant (pseudo-FID), none
 
 log = logging.getLogger(__name__)
 
 
-class InceptionWeightsError(ValueError):
+class InceptionWeightsError(UserError):
     """No verified FID weights: says where to put the file."""
 
 
@@ -191,3 +194,24 @@ class FIDInception(nn.Module):
         pool = torch.flatten(x, 1)
         # The original Inception Score code takes logits without the bias, as torch-fidelity does.
         return pool, pool @ self.fc.weight.T
+
+
+def feature_extractor(features: str, weights: str | os.PathLike | None = None) -> tuple[str | None, str | None]:
+    """(the weights file to load, the extractor a score records) of a feature mode: `inception` gives the verified
+    file (`find_weights(weights)`) and its sha256; `random-init` (pseudo-FID) no file and `random-init(seed=0)`;
+    `none` neither."""
+    if features == "inception":
+        found = find_weights(weights)
+        return str(found), sha256_file(found)
+    if features == "random-init":
+        return None, f"random-init(seed={RANDOM_INIT_SEED})"
+    return None, None
+
+
+def feature_network(features: str, weights: str | None) -> FIDInception | None:
+    """The network of a feature mode, weights from `feature_extractor`'s file: None for `none`."""
+    if features == "inception":
+        return FIDInception.from_weights(weights)[0]
+    if features == "random-init":
+        return FIDInception.random_init(RANDOM_INIT_SEED)
+    return None

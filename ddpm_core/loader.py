@@ -2,10 +2,11 @@
 
 Every epoch the manifest's shards are shuffled with (seed, epoch) and dealt to the
 world_size × num_workers slots, balancing sample counts; each slot streams its tars (local files,
-or S3 through boto3: no AWS CLI on the nodes), shuffles samples in a buffer, decodes, flips when
-asked, scales to [-1, 1] and batches. All ranks compute the same plan, so each knows how many
-batches every rank can fill and yields exactly that many: no rank waits at the end of an epoch
-for another (the DDP hang). The few samples that do not fill a batch are dropped.
+or S3 through boto3: no AWS CLI on the nodes), checking each against the manifest's sha256 as it
+reads it, shuffles samples in a buffer, decodes, flips when asked, scales to [-1, 1] and batches.
+All ranks compute the same plan, so each knows how many batches every rank can fill and yields
+exactly that many: no rank waits at the end of an epoch for another (the DDP hang). The few samples
+that do not fill a batch are dropped.
 """
 
 from __future__ import annotations
@@ -14,26 +15,16 @@ import io
 import itertools
 import random
 from collections.abc import Iterator
-from urllib.parse import urlparse
 
 import numpy as np
 import torch
 import webdataset as wds
 from PIL import Image
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from .sharding import DatasetError, read_dataset_info, read_manifest
-from .storage import StorageError, open_storage
-
-
-def _open_s3(url: str, mode: str = "rb", bufsize: int = 8192, **_):
-    """webdataset's gopen for s3:// URLs: a streaming boto3 body (tars are read sequentially)."""
-    parsed = urlparse(url)
-    directory, _, name = parsed.path.strip("/").rpartition("/")
-    return open_storage(f"s3://{parsed.netloc}/{directory}").open_read(name)
-
-
-wds.gopen_schemes["s3"] = _open_s3
+from .sharding import DatasetError, ShardReader, read_dataset_info, read_manifest
+from .storage import Storage, StorageError, open_storage
 
 
 def assign_shards(rows: list[dict], slots: int, seed: int, epoch: int) -> list[list[dict]]:
@@ -61,12 +52,19 @@ def decode_image(data: bytes, channels: int = 3) -> np.ndarray:
     return array if channels == 3 else array[:, :, None]
 
 
+def shard_samples(storage: Storage, rows: list[dict]) -> Iterator[dict]:
+    """The samples of these manifest rows in order; each shard's bytes are checked as they are read."""
+    for row in rows:
+        with ShardReader(storage, row) as stream:
+            yield from group_by_keys(tar_file_expander(iter([{"url": stream.url, "stream": stream}])))
+
+
 class ShardStream(IterableDataset):
     """The batches of one rank's DataLoader worker, as (images in [-1, 1], keys)."""
 
-    def __init__(self, urls: dict[str, str], rows: list[dict], batch_size: int, rank: int, world_size: int,
+    def __init__(self, storage: Storage, rows: list[dict], batch_size: int, rank: int, world_size: int,
                  num_workers: int, seed: int, random_flip: bool, shuffle_buffer: int, channels: int):
-        self.urls, self.rows, self.batch_size, self.channels = urls, rows, batch_size, channels
+        self.storage, self.rows, self.batch_size, self.channels = storage, rows, batch_size, channels
         self.rank, self.world_size, self.num_workers = rank, world_size, num_workers
         self.seed, self.random_flip, self.shuffle_buffer = seed, random_flip, shuffle_buffer
         # In shared memory: persistent loader workers hold their own copy of this object, and read the
@@ -88,8 +86,8 @@ class ShardStream(IterableDataset):
         epoch = self.epoch
         assigned = assign_shards(self.rows, self.world_size * self.num_workers, self.seed, epoch)[slot]
         stream_seed = int(np.random.SeedSequence([self.seed, epoch, slot]).generate_state(1)[0])
-        samples = wds.tarfile_samples(iter([{"url": self.urls[row["url"]]} for row in assigned]))
-        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100), seed=stream_seed)(samples)
+        samples = wds.shuffle(self.shuffle_buffer, initial=min(self.shuffle_buffer, 100),
+                              seed=stream_seed)(shard_samples(self.storage, assigned))
         flips = random.Random(stream_seed + 1)
         images, keys = [], []
         for sample in samples:
@@ -129,8 +127,8 @@ class TrainLoader:
         self.info, self.rows = info, rows
         self.num_workers, self.world_size, self.batch_size = num_workers, world_size, batch_size
         self.seed = seed
-        self.dataset = ShardStream({row["url"]: storage.url(row["url"]) for row in rows}, rows, batch_size, rank,
-                                   world_size, max(num_workers, 1), seed, random_flip, shuffle_buffer, channels)
+        self.dataset = ShardStream(storage, rows, batch_size, rank, world_size, max(num_workers, 1), seed, random_flip,
+                                   shuffle_buffer, channels)
         # Workers outlive the epoch: restarting them and refilling their shuffle buffers cost a few
         # steps' time at every epoch boundary of a small data set.
         self.loader = DataLoader(self.dataset, batch_size=None, num_workers=num_workers,

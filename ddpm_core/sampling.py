@@ -25,6 +25,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from .config import Config
 from .diffusion import SPACINGS, Denoiser, GaussianDiffusion, final_sample
+from .errors import UserError
 from .rng import image_generators
 from .solvers import dpm_solver_pp_2m, unipc
 from .storage import Storage, sha256_file
@@ -35,7 +36,7 @@ SOLVERS = {"dpmpp_2m": dpm_solver_pp_2m, "unipc": unipc}
 SPEC = "samples.json"
 
 
-class SamplesError(ValueError):
+class SamplesError(UserError):
     """A sampling output or request that cannot be used, with the reason."""
 
 

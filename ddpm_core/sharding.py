@@ -4,18 +4,25 @@
     manifest.parquet              one row per shard; written last: without it the dataset is incomplete
     rejects.parquet               every input that could not be used, with the reason
     dataset.json                  source, preprocessing, counts, content fingerprint
-    _progress/                    the job's spec and one record per finished shard (for resume)
+    _progress/                    the job's spec, one record per finished shard (for resume), the writer's lock
 
 `ShardJob.pending()` runs on the driver, `build_shard` once per shard anywhere (a Ray task),
 `ShardJob.finalize` on the driver at the end. Same input and options → byte-identical shards and
-manifest; a re-run skips the shards whose record, size and sha256 check out.
+manifest; a re-run skips the shards whose record, size and sha256 check out and builds the others
+again, also in a complete dataset. One job writes an output at a time (`_progress/lock.json`).
+Readers open shards with `ShardReader`, which checks the bytes they read against the manifest.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import socket
 import tempfile
+import time
+import uuid
+import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -23,15 +30,18 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import webdataset as wds
 
+from .errors import UserError
 from .image_prep import ImageRejected, Preprocess
 from .sources import ShardPlan, Source, decode_record
-from .storage import Storage, sha256_file
+from .storage import Storage, StorageError, sha256_file
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
 DATASET_JSON = "dataset.json"
 PROGRESS = "_progress"
+LOCK = f"{PROGRESS}/lock.json"
 FORMAT_VERSION = 1
+DATASET_KEYS = ("counts", "encoding", "fingerprint", "resolution", "spec")
 
 MANIFEST_SCHEMA = pa.schema([
     ("shard_index", pa.int32()), ("split", pa.string()), ("url", pa.string()), ("num_samples", pa.int32()),
@@ -42,7 +52,7 @@ REJECTS_SCHEMA = pa.schema([
 ])
 
 
-class DatasetError(ValueError):
+class DatasetError(UserError):
     """An output that cannot take this dataset, or a dataset that cannot be read, with the reason."""
 
 
@@ -92,8 +102,119 @@ def build_shard(source: Source, preprocess: Preprocess, plan: ShardPlan, split: 
     return result
 
 
+class ShardReader:
+    """A shard's bytes as they are read, hashed on the way (no second read).
+
+    Use it in a `with` block: at its end the rest of the stream (a tar reader stops at the end-of-archive
+    blocks) is hashed too, and a digest other than the manifest's raises DatasetError naming both.
+    """
+
+    def __init__(self, storage: Storage, row: dict):
+        self.url, self.expected = storage.url(row["url"]), row["sha256"]
+        self.digest = hashlib.sha256()
+        try:
+            self.stream = storage.open_read(row["url"])
+        except FileNotFoundError:
+            raise DatasetError(f"shard {self.url} listed in {MANIFEST} is missing; "
+                               "re-run the sharding job on this output to rebuild it") from None
+
+    def read(self, size: int = -1) -> bytes:
+        data = self.stream.read(None if size < 0 else size)
+        self.digest.update(data)
+        return data
+
+    def verify(self) -> None:
+        while self.read(1 << 20):
+            pass
+        actual = self.digest.hexdigest()
+        if actual != self.expected:
+            raise DatasetError(f"shard {self.url} is not the one in {MANIFEST}: its bytes have sha256 {actual}, "
+                               f"the manifest says {self.expected}; re-run the sharding job on this output to "
+                               "rebuild it")
+
+    def __enter__(self) -> ShardReader:
+        return self
+
+    def __exit__(self, kind, error, traceback) -> None:
+        try:
+            # A reader stopped early (GeneratorExit, Ctrl-C) has nothing to check. A read error is checked:
+            # damaged bytes are its likeliest cause, and the digests say so plainly.
+            if kind is None or issubclass(kind, Exception):
+                self.verify()
+        finally:
+            self.stream.close()
+
+
+class _OutputLock:
+    """One writer per output: LOCK is created only where absent (atomically), and removed by its holder."""
+
+    def __init__(self, storage: Storage):
+        self.storage = storage
+        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
+                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
+
+    def acquire(self) -> None:
+        if self._create():
+            return
+        holder = self._holder()
+        # A killed run's lock is taken over on its host, so that running the job again resumes it.
+        if holder is not None and _has_ended(holder) and self._take_over(holder) and self._create():
+            return
+        holder = self._holder()
+        who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}" if holder else "unknown"
+        raise DatasetError(f"output {self.storage.uri} is being written by another sharding job ({who}); if no "
+                           f"such job is running, delete {self.storage.url(LOCK)} and run again")
+
+    def release(self) -> None:
+        # Only our own: a lock that a user deleted and another job then took is not ours to remove.
+        if self._holder() == self.record:
+            self.storage.delete(LOCK)
+
+    def _create(self) -> bool:
+        return self.storage.create_exclusive(LOCK, json.dumps(self.record, sort_keys=True).encode())
+
+    def _holder(self) -> dict | None:
+        """The lock's record; None when there is none or it is being written at this moment."""
+        try:
+            record = json.loads(self.storage.read_bytes(LOCK))
+        except (OSError, StorageError, ValueError):
+            return None
+        return record if isinstance(record, dict) else None
+
+    def _take_over(self, stale: dict) -> bool:
+        # Of two runs that both found the stale lock, only the one that creates the marker removes it:
+        # the other could otherwise remove the lock that the first has just taken.
+        digest = hashlib.sha256(json.dumps(stale, sort_keys=True).encode()).hexdigest()[:16]
+        marker = f"{LOCK}.{digest}.takeover"  # a name of ours, whatever the lock's content
+        if not self.storage.create_exclusive(marker, b""):
+            return False
+        try:
+            if self._holder() == stale:
+                self.storage.delete(LOCK)
+        finally:
+            self.storage.delete(marker)
+        return True
+
+
+def _has_ended(holder: dict) -> bool:
+    """True only for a holder that ran on this host and runs no more (another host's cannot be checked)."""
+    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
+        return False
+    try:
+        os.kill(holder["pid"], 0)
+    except ProcessLookupError:
+        return True
+    except OSError:  # PermissionError: a process of another user
+        return False
+    return False
+
+
 class ShardJob:
-    """The driver's side: check the output, list what is left to do, and commit the dataset."""
+    """The driver's side: check the output, list what is left to do, and commit the dataset.
+
+    `pending` takes the output's lock and `finalize` releases it; a job that stops on an error in between
+    releases it when it is dropped or its process exits.
+    """
 
     def __init__(self, source: Source, preprocess: Preprocess, storage: Storage, split: str = "train",
                  per_shard: int = 1000, limit: int | None = None):
@@ -113,16 +234,23 @@ class ShardJob:
             "limit": limit,
         }
         self.plans = source.plan(per_shard, limit)
+        self._lock = _OutputLock(storage)
+        self._release: weakref.finalize | None = None
 
-    def _check_output(self) -> bool:
-        """True when this exact dataset is already complete; raise when the output holds another one."""
+    def _hold_output(self) -> None:
+        if self._release is None or not self._release.alive:
+            self._lock.acquire()
+            self._release = weakref.finalize(self, self._lock.release)
+
+    def _check_output(self) -> None:
+        """Raise when the output holds another dataset, or shards of another run."""
         spec_json = json.dumps(self.spec, sort_keys=True)
         if self.storage.exists(DATASET_JSON):
-            existing = json.loads(self.storage.read_bytes(DATASET_JSON))
-            if json.dumps(existing.get("spec"), sort_keys=True) != spec_json:
+            existing = _load_dataset_json(self.storage)
+            if json.dumps(existing["spec"], sort_keys=True) != spec_json:
                 raise DatasetError(f"output {self.storage.uri} already holds a different dataset "
-                                   f"({existing.get('spec', {}).get('source')}); choose another output")
-            return self.storage.exists(MANIFEST)
+                                   f"({existing['spec'].get('source')}); choose another output")
+            return
         spec_name = f"{PROGRESS}/spec.json"
         if self.storage.exists(spec_name):
             if self.storage.read_bytes(spec_name).decode() != spec_json:
@@ -132,7 +260,6 @@ class ShardJob:
             raise DatasetError(f"output {self.storage.uri} already holds shards that this job did not write")
         else:
             self.storage.write_bytes(spec_name, spec_json.encode())
-        return False
 
     def _finished(self, plan: ShardPlan) -> ShardResult | None:
         name = _progress_name(self.split, plan.index)
@@ -146,17 +273,28 @@ class ShardJob:
         return result
 
     def pending(self) -> tuple[list[ShardPlan], list[ShardResult]]:
-        """(plans still to build, results of shards already finished)."""
-        if self._check_output():
-            return [], [self._finished(plan) for plan in self.plans]
-        done, todo = [], []
-        for plan in self.plans:
-            result = self._finished(plan)
-            (done.append(result) if result else todo.append(plan))
+        """(plans still to build, results of shards already finished), after taking the output's lock."""
+        self._hold_output()
+        try:
+            self._check_output()
+            done, todo = [], []
+            for plan in self.plans:
+                result = self._finished(plan)
+                (done.append(result) if result else todo.append(plan))
+        except BaseException:
+            self._release()
+            raise
         return todo, done
 
     def finalize(self, results: list[ShardResult]) -> dict:
-        """Write rejects, dataset.json and, last, the manifest; return dataset.json's content."""
+        """Write rejects, dataset.json and, last, the manifest; return dataset.json's content. Frees the output."""
+        self._hold_output()
+        try:
+            return self._commit(results)
+        finally:
+            self._release()
+
+    def _commit(self, results: list[ShardResult]) -> dict:
         results = sorted(results, key=lambda r: r.index)
         if [r.index for r in results] != [p.index for p in self.plans]:
             raise DatasetError("cannot finalize: some shards are missing")
@@ -189,11 +327,29 @@ def _parquet_bytes(rows: list[dict], schema: pa.Schema) -> bytes:
 def read_manifest(storage: Storage) -> list[dict]:
     """The manifest's rows; one clear error when the dataset is missing or incomplete."""
     if not storage.exists(MANIFEST):
+        if not storage.found():
+            raise DatasetError(f"dataset {storage.uri} does not exist")
         raise DatasetError(f"{storage.uri} is not a complete dataset: no {MANIFEST} "
                            "(is the sharding job still running, or did it stop early?)")
     return pq.read_table(pa.BufferReader(storage.read_bytes(MANIFEST))).to_pylist()
 
 
 def read_dataset_info(storage: Storage) -> dict:
+    """dataset.json of a complete dataset, with every key the sharding job writes."""
     read_manifest(storage)
-    return json.loads(storage.read_bytes(DATASET_JSON))
+    if not storage.exists(DATASET_JSON):
+        raise DatasetError(f"{storage.uri} is not a complete dataset: no {DATASET_JSON}")
+    return _load_dataset_json(storage)
+
+
+def _load_dataset_json(storage: Storage) -> dict:
+    url = storage.url(DATASET_JSON)
+    try:
+        info = json.loads(storage.read_bytes(DATASET_JSON))
+    except ValueError as error:
+        raise DatasetError(f"{url} is not valid JSON ({error})") from None
+    missing = sorted(set(DATASET_KEYS) - (set(info) if isinstance(info, dict) else set()))
+    if missing:
+        raise DatasetError(f"{url} is missing {', '.join(missing)}: it was not written by the sharding job, "
+                           "or was changed since")
+    return info

@@ -3,11 +3,13 @@
 A source is opened on the driver, which only lists it (LMDB keys without values, file names) to
 cut it into shard plans with a deterministic assignment: LMDB key ranges, slices of the sorted
 file list, index ranges of CIFAR. Each shard task re-opens the source and reads its own range.
+An input over MAX_INPUT_BYTES is rejected from its recorded size, before it is read.
 """
 
 from __future__ import annotations
 
 import pickle
+import re
 import zipfile
 from abc import ABC, abstractmethod
 from collections.abc import Iterator
@@ -18,13 +20,19 @@ from typing import Any
 import numpy as np
 from PIL import Image
 
+from .errors import UserError
 from .image_prep import ImageRejected, decode_rgb, to_rgb
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp")
 CIFAR_BATCHES = {"train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"]}
+# Far above any real photo (LSUN's are ~50 KB, CelebA-HQ's 1024² PNGs a few MB): a bigger value or
+# zip member is not read into memory at all.
+MAX_INPUT_BYTES = 256 * 1024 * 1024
+# A key made of these is its own tar member name (LSUN's 40-hex keys); see `lmdb_member_key`.
+_MEMBER_KEY = re.compile(r"[0-9A-Za-z][0-9A-Za-z_-]*")
 
 
-class SourceError(ValueError):
+class SourceError(UserError):
     """An input that cannot be sharded at all (missing, empty, wrong format), with the reason."""
 
 
@@ -51,6 +59,19 @@ def _slices(total: int, per_shard: int) -> list[tuple[int, int]]:
     return [(start, min(per_shard, total - start)) for start in range(0, total, per_shard)]
 
 
+def _oversize(size: int) -> str | None:
+    """The reject reason for an input of `size` bytes, None when it may be read."""
+    return f"{size} bytes is over the {MAX_INPUT_BYTES}-byte limit" if size > MAX_INPUT_BYTES else None
+
+
+def lmdb_member_key(key: bytes) -> str:
+    """The sample key (tar member name) of an LMDB key: itself when it is letters, digits, '-' and '_' only,
+    else '_' and its hex, since '/', '..', dots (webdataset splits names at the first) and control bytes
+    must never reach a member name. The leading '_' keeps the two forms from ever colliding."""
+    text = key.decode("ascii", "replace")
+    return text if _MEMBER_KEY.fullmatch(text) else "_" + key.hex()
+
+
 class Source(ABC):
     kind: str
 
@@ -68,7 +89,11 @@ class Source(ABC):
 
 
 class LmdbSource(Source):
-    """An LSUN LMDB (`<category>_train_lmdb/`): 40-hex ASCII keys, JPEG or WebP bytes as values."""
+    """An LSUN LMDB (`<category>_train_lmdb/`): 40-hex ASCII keys, JPEG or WebP bytes as values.
+
+    The json's `source_key` is the key as text (UTF-8; other bytes as \\x escapes); its member name comes
+    from `lmdb_member_key`.
+    """
 
     kind = "lsun"
 
@@ -106,17 +131,25 @@ class LmdbSource(Source):
                 if position >= total:
                     break
                 if position % per_shard == 0:
-                    plans.append(ShardPlan(len(plans), min(per_shard, total - position), key.decode("ascii")))
+                    # latin-1 maps each byte to one character: any key round-trips, an ASCII one is unchanged.
+                    plans.append(ShardPlan(len(plans), min(per_shard, total - position), key.decode("latin-1")))
         return plans
 
     def read(self, plan: ShardPlan) -> Iterator[Record]:
-        with self._open() as env, env.begin() as txn:
+        # buffers=True: values are views into the map, so a value's size is known before its pages are read.
+        with self._open() as env, env.begin(buffers=True) as txn:
             cursor = txn.cursor()
-            if not cursor.set_range(plan.spec.encode("ascii")):
+            if not cursor.set_range(plan.spec.encode("latin-1")):
                 return
             for _ in range(plan.count):
-                key, value = cursor.item()
-                yield Record(key=key.decode("ascii"), data=bytes(value), meta={"source_key": key.decode("ascii")})
+                key, value = bytes(cursor.key()), cursor.value()
+                record = Record(key=lmdb_member_key(key),
+                                meta={"source_key": key.decode("utf-8", "backslashreplace")})
+                if error := _oversize(len(value)):
+                    record.meta["error"] = error
+                else:
+                    record.data = bytes(value)
+                yield record
                 if not cursor.next():
                     return
 
@@ -182,8 +215,16 @@ class FolderSource(Source):
             for name in plan.spec:
                 record = Record(key=file_key(name), meta={"source_key": name})
                 try:
-                    record.data = archive.read(name) if archive else (self.path / name).read_bytes()
-                except OSError as error:
+                    size = archive.getinfo(name).file_size if archive else (self.path / name).stat().st_size
+                    if error := _oversize(size):
+                        record.meta["error"] = error
+                    elif archive:
+                        with archive.open(name) as member:
+                            # At most the size checked: a forged header never gets a bigger stream inflated.
+                            record.data = member.read(size)
+                    else:
+                        record.data = (self.path / name).read_bytes()
+                except Exception as error:  # noqa: BLE001 - an unreadable input (bad CRC, I/O) is a reject
                     record.meta["error"] = f"unreadable: {error}"
                 yield record
         finally:

@@ -3,8 +3,8 @@
 S3 goes through boto3 (no AWS CLI needed): the endpoint comes from `AWS_ENDPOINT_URL_S3` /
 `AWS_ENDPOINT_URL` (MinIO, Ceph, moto), credentials from the usual AWS chain and are never logged.
 Checksums are only computed "when required", which S3-compatible stores need since botocore 1.36.
-A file becomes visible only when complete: local writes go to a temporary name and are renamed;
-an S3 object appears only when its (multipart) upload completes.
+A file becomes visible only when complete: local writes go to a temporary name, are fsynced and
+renamed; an S3 object appears only when its (multipart) upload completes.
 """
 
 from __future__ import annotations
@@ -13,15 +13,18 @@ import hashlib
 import os
 import tempfile
 import threading
+import uuid
 from abc import ABC, abstractmethod
 from pathlib import Path
 from typing import BinaryIO
 from urllib.parse import urlparse
 
+from .errors import UserError
+
 MULTIPART_CHUNK = 64 * 1024 * 1024
 
 
-class StorageError(RuntimeError):
+class StorageError(UserError):
     """A storage location that cannot be read or written, with the reason."""
 
 
@@ -44,6 +47,10 @@ class Storage(ABC):
     def exists(self, name: str) -> bool:
         return self.size(name) is not None
 
+    def found(self) -> bool:
+        """Whether the folder itself is there: on S3, whether any object has its prefix."""
+        return bool(self.list())
+
     @abstractmethod
     def size(self, name: str) -> int | None:
         """Size in bytes, or None when the object does not exist."""
@@ -55,6 +62,16 @@ class Storage(ABC):
 
     @abstractmethod
     def write_bytes(self, name: str, data: bytes) -> None:
+        ...
+
+    @abstractmethod
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        """Write `name` only if it does not exist, atomically against other writers; False when it does."""
+        ...
+
+    @abstractmethod
+    def delete(self, name: str) -> None:
+        """Remove `name`; nothing when it does not exist."""
         ...
 
     @abstractmethod
@@ -89,6 +106,9 @@ class LocalStorage(Storage):
     def _path(self, name: str) -> Path:
         return self.root / name
 
+    def found(self) -> bool:
+        return self.root.is_dir()
+
     def size(self, name: str) -> int | None:
         path = self._path(name)
         return path.stat().st_size if path.is_file() else None
@@ -103,14 +123,36 @@ class LocalStorage(Storage):
         try:
             with os.fdopen(fd, "wb") as f:
                 write(f)
+                f.flush()
+                # The bytes reach the disk before the name does: after a power loss the manifest is the old
+                # one or the new one, never a new name on empty or partial content.
+                os.fsync(f.fileno())
             os.chmod(tmp, 0o644)  # mkstemp creates 0600; datasets are read by other users and nodes
             os.replace(tmp, target)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
             raise
+        _fsync_folder(target.parent)  # the rename itself is durable only once its folder is
 
     def write_bytes(self, name: str, data: bytes) -> None:
         self._atomic_write(name, lambda f: f.write(data))
+
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        target = self._path(name)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            fd = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        except FileExistsError:
+            return False
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        _fsync_folder(target.parent)
+        return True
+
+    def delete(self, name: str) -> None:
+        self._path(name).unlink(missing_ok=True)
 
     def upload(self, local_path: Path, name: str, sha256: str) -> None:
         def copy(f):
@@ -137,14 +179,47 @@ class LocalStorage(Storage):
     def check_writable(self) -> None:
         try:
             self.root.mkdir(parents=True, exist_ok=True)
-            probe = self.root / ".ddpm-write-probe"
+            probe = self.root / _probe_name()
             probe.write_bytes(b"")
             probe.unlink()
         except OSError as error:
             raise StorageError(f"output {self.uri} is not writable: {error.strerror or error}") from None
 
 
+def _fsync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _probe_name() -> str:
+    # One name per writer: two jobs probing one output at once never delete each other's probe.
+    return f".ddpm-write-probe-{uuid.uuid4().hex}"
+
+
 _clients = threading.local()
+
+
+def s3_endpoint() -> str | None:
+    """The S3 endpoint of MinIO, Ceph or moto (AWS_ENDPOINT_URL_S3, else AWS_ENDPOINT_URL); None for AWS."""
+    return os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+
+
+def s3_region() -> str:
+    return os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
+
+
+def storage_filesystem(uri: str):
+    """A pyarrow filesystem for s3:// `uri` on the endpoint and region boto3 uses (Ray Train's checkpoints);
+    None where pyarrow's own resolution is right (local paths, AWS itself)."""
+    endpoint = s3_endpoint()
+    if not uri.startswith("s3://") or not endpoint:
+        return None
+    import pyarrow.fs
+
+    return pyarrow.fs.S3FileSystem(endpoint_override=endpoint, scheme=endpoint.split("://")[0], region=s3_region())
 
 
 def s3_client():
@@ -152,7 +227,7 @@ def s3_client():
 
     Rebuilt when the endpoint or credentials in the environment change (rotated keys, tests).
     """
-    endpoint = os.environ.get("AWS_ENDPOINT_URL_S3") or os.environ.get("AWS_ENDPOINT_URL")
+    endpoint = s3_endpoint()
     identity = (os.getpid(), endpoint, os.environ.get("AWS_ACCESS_KEY_ID"), os.environ.get("AWS_PROFILE"))
     if getattr(_clients, "identity", None) != identity:
         import boto3
@@ -167,8 +242,7 @@ def s3_client():
             response_checksum_validation="when_required",
             s3={"addressing_style": "path"} if endpoint else {},
         )
-        region = os.environ.get("AWS_REGION") or os.environ.get("AWS_DEFAULT_REGION") or "us-east-1"
-        _clients.client = boto3.client("s3", endpoint_url=endpoint, region_name=region, config=config)
+        _clients.client = boto3.client("s3", endpoint_url=endpoint, region_name=s3_region(), config=config)
         _clients.identity = identity
     return _clients.client
 
@@ -225,6 +299,26 @@ class S3Storage(Storage):
         except Exception as error:  # noqa: BLE001 - reported as one line naming the object
             raise StorageError(describe_s3_error(error, self.url(name))) from None
 
+    def create_exclusive(self, name: str, data: bytes) -> bool:
+        from botocore.exceptions import ClientError
+
+        try:
+            # S3's conditional write: refused with 412 (409 when another conditional write races it)
+            # whenever the key exists, so of two writers exactly one creates it.
+            s3_client().put_object(Bucket=self.bucket, Key=self._key(name), Body=data, IfNoneMatch="*")
+        except Exception as error:  # noqa: BLE001 - reported as one line naming the object
+            if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
+                    "PreconditionFailed", "ConditionalRequestConflict"):
+                return False
+            raise StorageError(describe_s3_error(error, self.url(name))) from None
+        return True
+
+    def delete(self, name: str) -> None:
+        try:
+            s3_client().delete_object(Bucket=self.bucket, Key=self._key(name))
+        except Exception as error:  # noqa: BLE001
+            raise StorageError(describe_s3_error(error, self.url(name))) from None
+
     def upload(self, local_path: Path, name: str, sha256: str) -> None:
         from boto3.s3.transfer import TransferConfig
 
@@ -258,7 +352,7 @@ class S3Storage(Storage):
             raise StorageError(describe_s3_error(error, self.url(name))) from None
 
     def check_writable(self) -> None:
-        probe = self._key(".ddpm-write-probe")
+        probe = self._key(_probe_name())
         try:
             # A PUT, not a HEAD: its error body says why (NoSuchBucket, InvalidAccessKeyId, AccessDenied).
             s3_client().put_object(Bucket=self.bucket, Key=probe, Body=b"")

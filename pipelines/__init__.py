@@ -1,4 +1,10 @@
-"""Ray jobs of ddpm-ray: thin wrappers that build Ray programs from ddpm_core pieces and talk to MLflow."""
+"""The jobs of ddpm-ray, their faces and the owners of the outside systems (docs/architecture.md).
+
+Rules (tests/test_layers.py): a job is a page and imports no other job; only the faces (cli, demo, the
+dataset alias scripts) import jobs; what two jobs share lives in ddpm_core or in an I/O-free shared module
+here. Only pipelines/mlflow_* import mlflow and only pipelines/ray_* import ray. Every error a user can fix
+is a ddpm_core.errors.UserError, turned into one line and exit status 2 by job_runner.run_job alone.
+"""
 
 import os
 

@@ -13,6 +13,7 @@ import sys
 from ddpm_core.model_stats import preset_summary
 from ddpm_core.presets import PRESETS
 from pipelines import convert, fid_reference, paper_figures, sample_fid, schedule_sampling, shard, train
+from pipelines.job_runner import run_job
 
 TABLE_COLUMNS = (
     ("name", "preset", "{}"),
@@ -54,80 +55,71 @@ def run_sample(args: argparse.Namespace) -> int:
     return sample_fid.run(args)
 
 
-def run_fetch_weights(args: argparse.Namespace) -> int:
-    from ddpm_core.inception import InceptionWeightsError, fetch_weights
+def fetch_inception_weights(args: argparse.Namespace) -> None:
+    from ddpm_core.inception import fetch_weights
 
-    try:
-        print(fetch_weights(args.url))
-    except InceptionWeightsError as error:
-        print(f"error: {error}", file=sys.stderr)
-        return 2
-    return 0
+    print(fetch_weights(args.url))
+
+
+def run_fetch_weights(args: argparse.Namespace) -> int:
+    return run_job(fetch_inception_weights, args)
+
+
+def add_presets_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--json", action="store_true", help="print the same fields (and notes) as JSON")
+
+
+def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
+    sample_fid.add_arguments(parser, features_default="none")
+    parser.add_argument("--progressive", action="store_true", help="write the Fig. 6 strip to --out (a PNG)")
+    parser.add_argument("--every", type=int, default=100, help="steps between x̂0 snapshots (--progressive)")
+
+
+def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--url", default=None, help="a mirror (default: DDPM_INCEPTION_URL, else pytorch-fid's "
+                                                    "release)")
+
+
+# (command, one-line help, description, add_arguments, run)
+COMMANDS = (
+    ("presets", "list the named configurations",
+     "Every preset: resolution, parameter count, forward GFLOPs per image, learning rate, global batch, dropout, "
+     "reverse-process variance, random flips and training steps.", add_presets_arguments, run_presets),
+    ("shard", "shard LSUN / CelebA-HQ / an image folder / CIFAR-10 into WebDataset tars",
+     "Run the sharding job (pipelines/shard.py): one Ray task per shard, resumable.", shard.add_arguments, shard.run),
+    ("train", "train a preset with Ray Train DDP, MLflow tracking and registration",
+     "Run the training job (pipelines/train.py). The same --name resumes the run.", train.add_arguments, train.run),
+    ("sample", "sample N images into tars (or, with --progressive, the paper's Fig. 6 strip)",
+     "Run the sampling job (pipelines/sample_fid.py) without scoring unless --features is given. With "
+     "--progressive, write x̂0 every --every steps for --num images to the PNG --out.", add_sample_arguments,
+     run_sample),
+    ("fid", "sample N images and score them (FID, IS) against --ref",
+     "Run the sampling and scoring job (pipelines/sample_fid.py).", sample_fid.add_arguments, sample_fid.run),
+    ("fid-ref", "compute a dataset's FID reference statistics",
+     "Run pipelines/fid_reference.py: fid_stats.npz next to the shards.", fid_reference.add_arguments,
+     fid_reference.run),
+    ("interpolate", "the paper's Fig. 8: two images mixed at step t",
+     "Diffuse two images to step t, mix, decode; write a PNG row.", paper_figures.add_interpolate_arguments,
+     functools.partial(paper_figures.run, figure=paper_figures.interpolate)),
+    ("schedule", "score every new model version by FID on the cluster; promote the best to champion",
+     "Run the scheduler (pipelines/schedule_sampling.py) on a cron expression, or --once.",
+     schedule_sampling.add_arguments, schedule_sampling.run),
+    ("convert", "diffusers folders in (and registered) or out",
+     "Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).", convert.add_arguments, convert.run),
+    ("fetch-weights", "download the FID Inception weights into the cache, verified by sha256",
+     "Pre-seed the cache (DDPM_CACHE, default ~/.cache/ddpm-ray) with the FID Inception weights, e.g. while "
+     "building an image for an air-gapped cluster (DDPM_INCEPTION_DOWNLOAD=0).", add_fetch_arguments,
+     run_fetch_weights),
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
-    presets = commands.add_parser(
-        "presets", help="list the named configurations",
-        description="Every preset: resolution, parameter count, forward GFLOPs per image, learning rate, "
-                    "global batch, dropout, reverse-process variance, random flips and training steps.")
-    presets.add_argument("--json", action="store_true", help="print the same fields (and notes) as JSON")
-    presets.set_defaults(run=run_presets)
-
-    shard_command = commands.add_parser(
-        "shard", help="shard LSUN / CelebA-HQ / an image folder / CIFAR-10 into WebDataset tars",
-        description="Run the sharding job (pipelines/shard.py): one Ray task per shard, resumable.")
-    shard.add_arguments(shard_command)
-    shard_command.set_defaults(run=shard.run)
-
-    train_command = commands.add_parser(
-        "train", help="train a preset with Ray Train DDP, MLflow tracking and registration",
-        description="Run the training job (pipelines/train.py). The same --name resumes the run.")
-    train.add_arguments(train_command)
-    train_command.set_defaults(run=train.run)
-
-    sample = commands.add_parser(
-        "sample", help="sample N images into tars (or, with --progressive, the paper's Fig. 6 strip)",
-        description="Run the sampling job (pipelines/sample_fid.py) without scoring unless --features is given. "
-                    "With --progressive, write x̂0 every --every steps for --num images to the PNG --out.")
-    sample_fid.add_arguments(sample, features_default="none")
-    sample.add_argument("--progressive", action="store_true", help="write the Fig. 6 strip to --out (a PNG)")
-    sample.add_argument("--every", type=int, default=100, help="steps between x̂0 snapshots (--progressive)")
-    sample.set_defaults(run=run_sample)
-
-    fid = commands.add_parser("fid", help="sample N images and score them (FID, IS) against --ref",
-                              description="Run the sampling and scoring job (pipelines/sample_fid.py).")
-    sample_fid.add_arguments(fid)
-    fid.set_defaults(run=sample_fid.run)
-
-    reference = commands.add_parser("fid-ref", help="compute a dataset's FID reference statistics",
-                                    description="Run pipelines/fid_reference.py: fid_stats.npz next to the shards.")
-    fid_reference.add_arguments(reference)
-    reference.set_defaults(run=fid_reference.run)
-
-    interpolate = commands.add_parser("interpolate", help="the paper's Fig. 8: two images mixed at step t",
-                                      description="Diffuse two images to step t, mix, decode; write a PNG row.")
-    paper_figures.add_interpolate_arguments(interpolate)
-    interpolate.set_defaults(run=functools.partial(paper_figures.run, figure=paper_figures.interpolate))
-
-    schedule = commands.add_parser(
-        "schedule", help="score every new model version by FID on the cluster; promote the best to champion",
-        description="Run the scheduler (pipelines/schedule_sampling.py) on a cron expression, or --once.")
-    schedule_sampling.add_arguments(schedule)
-    schedule.set_defaults(run=schedule_sampling.run)
-
-    bridge = commands.add_parser("convert", help="diffusers folders in (and registered) or out",
-                                  description="Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).")
-    convert.add_arguments(bridge)
-    bridge.set_defaults(run=convert.run)
-
-    fetch = commands.add_parser(
-        "fetch-weights", help="download the FID Inception weights into the cache, verified by sha256",
-        description="Pre-seed the cache (DDPM_CACHE, default ~/.cache/ddpm-ray) with the FID Inception "
-                    "weights, e.g. while building an image for an air-gapped cluster (DDPM_INCEPTION_DOWNLOAD=0).")
-    fetch.add_argument("--url", default=None, help="a mirror (default: DDPM_INCEPTION_URL, else pytorch-fid's release)")
-    fetch.set_defaults(run=run_fetch_weights)
+    for name, summary, description, add_arguments, run in COMMANDS:
+        command = commands.add_parser(name, help=summary, description=description)
+        add_arguments(command)
+        command.set_defaults(run=run)
     return parser
 
 

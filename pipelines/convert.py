@@ -13,13 +13,14 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import tempfile
 from pathlib import Path
 
-from ddpm_core.checkpoint import CheckpointError, save_model_folder
+from ddpm_core.checkpoint import save_model_folder
 from ddpm_core.diffusers_bridge import DATASET_PRESETS, BridgeError, download_hub, export_folder, import_folder
 from ddpm_core.presets import PRESETS
-from ddpm_core.sampling import SamplesError
+from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.convert")
 
@@ -49,16 +50,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import configure_logging
-    from pipelines.tracking import TrackingError
-
-    configure_logging()
-    try:
-        {"import": import_model, "register": register_model, "export": export_model}[args.direction](args)
-    except (BridgeError, CheckpointError, SamplesError, TrackingError, OSError) as error:
-        log.error("%s", error)
-        return 2
-    return 0
+    return run_job({"import": import_model, "register": register_model, "export": export_model}[args.direction], args)
 
 
 def import_model(args: argparse.Namespace) -> None:
@@ -80,30 +72,36 @@ def import_model(args: argparse.Namespace) -> None:
 
 
 def register_model(args: argparse.Namespace) -> None:
-    from pipelines.registry import load_model, resolve_model
+    from pipelines.mlflow_registry import open_model
 
-    resolved, _ = resolve_model(args.model, None)
-    _register(Path(resolved.split("@")[0]), load_model(resolved, "")[1], {"source": resolved}, args.tracking_uri)
+    if args.model.startswith("models:/"):
+        raise BridgeError(f"--model {args.model} is registered already; register takes a model folder or checkpoint")
+    opened = open_model(args.model, args.tracking_uri)
+    _register(Path(opened.resolved.split("@")[0]), opened.load()[1], {"source": opened.resolved}, args.tracking_uri)
 
 
 def _register(folder: Path, config, tags: dict, tracking_uri: str | None) -> None:
-    from pipelines.registry import register
-    from pipelines.tracking import connect, experiment_id, resolve_tracking_uri
+    from pipelines.mlflow_registry import register, registered_name
+    from pipelines.mlflow_tracking import connect, import_run, resolve_tracking_uri
 
     uri = resolve_tracking_uri(tracking_uri)
     client = connect(uri)
-    run = client.create_run(experiment_id(client, "ddpm-imports", uri), run_name=f"import-{config.preset}",
-                            tags={k: str(v) for k, v in tags.items()})
-    version = register(client, run.info.run_id, folder, config, tags)
-    client.set_terminated(run.info.run_id)
-    log.info("registered ddpm-%s version %s (alias candidate)", config.preset, version)
+    run_id = import_run(client, uri, config.preset, tags)
+    version = register(client, run_id, folder, config, tags)
+    client.set_terminated(run_id)
+    log.info("registered %s version %s (alias candidate)", registered_name(config.preset), version)
 
 
 def export_model(args: argparse.Namespace) -> None:
-    from pipelines.registry import load_model, resolve_model
-    from pipelines.tracking import connect, resolve_tracking_uri
+    from pipelines.mlflow_registry import open_model
 
-    uri = resolve_tracking_uri(args.tracking_uri)
-    resolved, _ = resolve_model(args.model, connect(uri) if args.model.startswith("models:/") else None)
-    model, config = load_model(resolved, uri)
+    model, config = open_model(args.model, args.tracking_uri).load()
     log.info("wrote %s (DDPMPipeline.from_pretrained loads it)", export_folder(model, config, args.out))
+
+
+def main(argv: list[str] | None = None) -> int:
+    return command_line(__doc__.splitlines()[0], add_arguments, run, argv)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,10 +9,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
+from ddpm_core.errors import UserError
+
 FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
 
 
-class CronError(ValueError):
+class CronError(UserError):
     """A cron expression that cannot be parsed, naming the field."""
 
 

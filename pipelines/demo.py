@@ -127,29 +127,28 @@ def main(argv: list[str] | None = None) -> int:
     try:
         return run_stages(args, size, root, head, stages)
     finally:
-        import ray
-
-        ray.shutdown()  # this process is a driver of the head: detach before the head goes
         head.stop()
 
 
+def scoring_network(data: Path) -> tuple[str | None, str, str, Path]:
+    """(weights, --features, score label, reference file): the FID weights already on this machine, else a
+    pseudo-FID. The demo downloads nothing (`ddpm fetch-weights` fetches them once, beforehand)."""
+    os.environ.setdefault(DOWNLOAD_ENV, "0")
+    try:
+        return str(find_weights()), "inception", "fid", data / "fid_stats.npz"
+    except InceptionWeightsError:
+        return None, "random-init", "pseudo_fid", data / "fid_stats_pseudo.npz"
+
+
 def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
-    from pipelines import fid_reference, sample_fid, schedule_sampling, shard, train
+    """The README's `ddpm` commands, one per stage, on the demo's cluster, store and folder."""
+    from pipelines.cli import main as ddpm
     from pipelines.demo_data import build_lmdb
-    from pipelines.schedule_sampling import EVAL, PROMOTION
-    from pipelines.tracking import connect
 
     os.environ["RAY_ADDRESS"] = head.address  # every stage joins this cluster
     tracking = f"sqlite:///{root / 'mlflow.db'}"
     lmdb, data = root / f"digits_{size.images}_lmdb", root / f"data_{size.images}"
-    # The demo scores with FID weights already on this machine, else a pseudo-FID: it downloads nothing
-    # (`ddpm fetch-weights` fetches them once, beforehand).
-    os.environ.setdefault(DOWNLOAD_ENV, "0")
-    try:
-        weights = str(find_weights())
-        features, label, ref = "inception", "fid", data / "fid_stats.npz"
-    except InceptionWeightsError:
-        weights, features, label, ref = None, "random-init", "pseudo_fid", data / "fid_stats_pseudo.npz"
+    weights, features, label, ref = scoring_network(data)
     # DDIM with η = 1 (stochastic, 50 steps): η = 0 over-saturates the colours of a briefly trained model.
     # bf16 for the network, the same for the baseline and the scheduler's batch so that scores compare.
     scoring = ["--features", features, "--allow-small-n", "--sampler", "ddim", "--steps", str(size.ddim_steps),
@@ -161,54 +160,59 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
 
     stages.run("dataset", f"{size.images} of scikit-learn's handwritten digits, upscaled → LSUN-style LMDB",
                lambda: lmdb.exists() or build_lmdb(lmdb, size.images))
-    stages.run("shard", "LMDB → 32×32 WebDataset shards (the LSUN path)", lambda: check(shard.main(
-        ["--input", str(lmdb), "--out", str(data), "--resolution", "32", "--per-shard", str(size.images // 12)],
-        source="lsun"),
-        "shard"))
+    stages.run("shard", "LMDB → 32×32 WebDataset shards (the LSUN path)", lambda: check(ddpm(
+        ["shard", "--source", "lsun", "--input", str(lmdb), "--out", str(data), "--resolution", "32",
+         "--per-shard", str(size.images // 12)]), "shard"))
     stages.run("reference", f"{features} statistics of the data's first {size.images // 12} images",
-               lambda: ref.exists() or check(fid_reference.main(
-                   ["--data", str(data), "--features", features, "--shards", "1", "--actors", "0",
+               lambda: ref.exists() or check(ddpm(
+                   ["fid-ref", "--data", str(data), "--features", features, "--shards", "1", "--actors", "0",
                     *(["--inception-weights", weights] if weights else [])]), "reference"))
-    stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo)", lambda: check(train.main(
-        ["--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1", "--loader-workers",
-         "1", "--storage", str(root / "runs"), "--name", f"demo-{size.steps}", "--tracking-uri", tracking,
+    stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo)", lambda: check(ddpm(
+        ["train", "--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1",
+         "--loader-workers", "1", "--storage", str(root / "runs"), "--name", f"demo-{size.steps}",
+         "--tracking-uri", tracking,
          *([f"--set=train.{field}={size.steps}" for field in ("steps", "sample_every", "checkpoint_every")]
-           if args.fast else [])]),
-        "train"))
+           if args.fast else [])]), "train"))
     untrained = root / "untrained"
-    stages.run("baseline", "sample and score the untrained model", lambda: check(sample_fid.main(
-        ["--model", str(save_untrained(root / "untrained_checkpoint")), "--out", str(untrained), *scoring,
-         "--actors", "0"]),
-        "baseline"))
-    evaluations = root / "evaluations"
+    stages.run("baseline", "sample and score the untrained model", lambda: check(ddpm(
+        ["fid", "--model", str(save_untrained(root / "untrained_checkpoint")), "--out", str(untrained), *scoring,
+         "--actors", "0"]), "baseline"))
     stages.run("schedule", "one scheduler tick: it submits the sampling batch of the new version to the Ray "
-                           "job API, scores it and decides promotion", lambda: check(schedule_sampling.main(
-        ["--model-name", MODEL, "--once", "--out-root", str(evaluations), "--address", head.job_api, "--poll", "2",
-         "--actors", "2", *scoring]), "schedule"))
+                           "job API, scores it and decides promotion", lambda: check(ddpm(
+        ["schedule", "--model-name", MODEL, "--once", "--out-root", str(root / "evaluations"),
+         "--address", head.job_api, "--poll", "2", "--actors", "2", *scoring]), "schedule"))
 
-    client = connect(tracking)
-    version = client.get_model_version_by_alias(MODEL, "candidate")
-    # The scheduler's one evaluation of this version (tags are namespaced by the evaluation spec).
-    out = Path(next(v for k, v in version.tags.items() if k.startswith(EVAL) and k.endswith(".out")))
+    summarise(args, size, root, data, tracking, untrained, label, stages)
+    return 0
+
+
+def summarise(args, size: DemoSize, root: Path, data: Path, tracking: str, untrained: Path, label: str,
+              stages: Stages) -> None:
+    """Write summary.json and the two grids, and print where everything is."""
+    from pipelines.mlflow_registry import evaluations
+    from pipelines.mlflow_tracking import connect
+
+    # The scheduler's one evaluation of the new version (one spec: the demo's).
+    (evaluation,) = evaluations(connect(tracking), MODEL).values()
+    out = Path(evaluation["out"])
     result = json.loads((out / "fid.json").read_text())
     baseline = json.loads((untrained / "fid.json").read_text())
     grid, data_grid = root / "samples_grid.png", root / "data_grid.png"
     _, samples = read_sample_tar(open_storage(str(out)), 0)
     Image.fromarray(image_grid(samples[:64], columns=8)).save(grid)
     Image.fromarray(image_grid(first_training_images(str(data), 64), columns=8)).save(data_grid)
-    summary = {"mode": "fast" if args.fast else "full", "model": f"models:/{MODEL}/{version.version}",
+    summary = {"mode": "fast" if args.fast else "full", "model": f"models:/{MODEL}/{evaluation['version']}",
                "samples_grid": str(grid), "data_grid": str(data_grid), "fid_json": str(out / "fid.json"),
                "score": label, "trained": result.get(label), "untrained": baseline.get(label),
-               "decision": version.tags.get(f"{PROMOTION}{out.name.rsplit('-', 1)[1]}.decision"),
+               "decision": evaluation["decision"],
                "stage_seconds": stages.seconds}
     (root / "summary.json").write_text(json.dumps(summary, indent=2))
     print(f"\n{stages.table()}\n")
     print(f"{label}: trained {summary['trained']:.2f} vs untrained {summary['untrained']:.2f} "
           f"({size.samples} samples each; lower is better)")
-    print(f"registered version:  models:/{MODEL}/{version.version} (alias candidate); scheduler: {summary['decision']}")
+    print(f"registered version:  {summary['model']} (alias candidate); scheduler: {summary['decision']}")
     print(f"sample grid:         {grid}\ndata for comparison: {data_grid}\nscores:              {out / 'fid.json'}")
     print(f"MLflow UI:           mlflow ui --backend-store-uri {tracking} --host 127.0.0.1")
-    return 0
 
 
 if __name__ == "__main__":

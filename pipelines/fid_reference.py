@@ -14,18 +14,18 @@ import argparse
 import io
 import logging
 import sys
-from pathlib import Path
 
 import numpy as np
 import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_expander
 
-from ddpm_core.fid import StatsError, image_statistics, save_reference
-from ddpm_core.inception import FIDInception, InceptionWeightsError, find_weights
-from ddpm_core.sharding import DatasetError, read_dataset_info, read_manifest
-from ddpm_core.storage import StorageError, open_storage, sha256_file
-from pipelines.sample_fid import RANDOM_INIT_SEED, merge_statistics, statistics_row
+from ddpm_core.errors import ArgumentError
+from ddpm_core.fid import image_statistics, merge_statistics, save_reference, statistics_row
+from ddpm_core.inception import feature_extractor, feature_network
+from ddpm_core.sharding import read_dataset_info, read_manifest
+from ddpm_core.storage import open_storage
+from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.fid_reference")
 
@@ -37,8 +37,7 @@ class ShardStatistics:
         torch.set_num_threads(threads)
         self.storage = open_storage(data)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.inception = (FIDInception.from_weights(weights)[0] if features == "inception"
-                          else FIDInception.random_init(RANDOM_INIT_SEED)).to(self.device)
+        self.inception = feature_network(features, weights).to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         url, first = str(batch["url"][0]), int(batch["first_index"][0])
@@ -65,27 +64,20 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace) -> int:
-    from pipelines.ray_runtime import RayConnectionError, configure_logging
-
-    configure_logging()
-    try:
-        return _run(args)
-    except (DatasetError, StorageError, InceptionWeightsError, StatsError, RayConnectionError, ValueError) as error:
-        log.error("%s", error)
-        return 2
+    return run_job(reference_statistics, args)
 
 
-def _run(args: argparse.Namespace) -> int:
+def reference_statistics(args: argparse.Namespace) -> int:
+    """The Inception statistics of the dataset (or its first --shards shards), written as an .npz."""
     from pipelines.ray_runtime import map_rows
 
     storage = open_storage(args.data)
     rows, info = read_manifest(storage), read_dataset_info(storage)
     if args.shards is not None:
         if args.shards < 1:
-            raise ValueError(f"--shards must be >= 1, got {args.shards}")
+            raise ArgumentError(f"--shards must be >= 1, got {args.shards}")
         rows = sorted(rows, key=lambda row: row["shard_index"])[:args.shards]
-    weights = str(find_weights(args.inception_weights)) if args.features == "inception" else None
-    extractor = sha256_file(Path(weights)) if weights else f"random-init(seed={RANDOM_INIT_SEED})"
+    weights, extractor = feature_extractor(args.features, args.inception_weights)
     name = args.out or ("fid_stats.npz" if args.features == "inception" else "fid_stats_pseudo.npz")
     offsets = np.cumsum([0] + [row["num_samples"] for row in rows])
     items = [{"url": row["url"], "first_index": int(offset)} for row, offset in zip(rows, offsets)]
@@ -109,9 +101,7 @@ def _run(args: argparse.Namespace) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser)
-    return run(parser.parse_args(argv))
+    return command_line(__doc__.splitlines()[0], add_arguments, run, argv)
 
 
 if __name__ == "__main__":

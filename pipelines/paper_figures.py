@@ -16,27 +16,34 @@ import torch
 from PIL import Image
 
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.image_prep import Preprocess, decode_rgb
+from ddpm_core.errors import ArgumentError
+from ddpm_core.image_prep import ImageRejected, Preprocess, decode_rgb
 from ddpm_core.pixels import image_grid, to_uint8
 from ddpm_core.rng import image_generators
+from pipelines.job_runner import run_job
 
 log = logging.getLogger("ddpm.figures")
 
 
 def _load(args: argparse.Namespace):
-    from pipelines.registry import load_model, resolve_model
-    from pipelines.tracking import connect, resolve_tracking_uri
+    """The model, its config and diffusion, once `--out` is known to be writable (before any sampling)."""
+    from pipelines.mlflow_registry import open_model
 
-    tracking_uri = resolve_tracking_uri(args.tracking_uri)
-    # Only a registered model needs MLflow; a checkpoint directory is read directly.
-    client = connect(tracking_uri) if args.model.startswith("models:/") else None
-    resolved, _ = resolve_model(args.model, client)
-    model, config = load_model(resolved, tracking_uri)
+    if not Path(args.out).expanduser().resolve().parent.is_dir():
+        raise ArgumentError(f"--out {args.out}: its folder does not exist")
+    model, config = open_model(args.model, args.tracking_uri).load()
     return model, config, GaussianDiffusion.from_config(config.diffusion)
 
 
-def progressive(args: argparse.Namespace) -> Path:
+PROGRESSIVE_MAX_ROWS = 64  # one PNG row per image: `ddpm sample`'s --num default (50,000) is for FID
+
+
+def progressive(args: argparse.Namespace) -> None:
     """Fig. 6: one row per image, x̂0 (Eq. 15) every `--every` steps of Algorithm 2, then the sample."""
+    if not 1 <= args.num <= PROGRESSIVE_MAX_ROWS:
+        raise ArgumentError(f"--num {args.num}: --progressive draws one row per image, pass 1..{PROGRESSIVE_MAX_ROWS}")
+    if args.every < 1:
+        raise ArgumentError(f"--every must be at least 1, got {args.every}")
     model, config, diffusion = _load(args)
     r = config.model.resolution
     snapshots = []
@@ -49,16 +56,20 @@ def progressive(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     Image.fromarray(image_grid(grid, columns=len(snapshots))).save(out)
     log.info("wrote %s: %d images × %d x̂0 snapshots", out, args.num, len(snapshots))
-    return out
 
 
-def interpolate(args: argparse.Namespace) -> Path:
+def interpolate(args: argparse.Namespace) -> None:
     """Fig. 8: two images diffused to step t, latents mixed for λ in [0, 1], decoded; sources at the ends."""
     model, config, diffusion = _load(args)
+    if not 0 <= args.t < diffusion.num_timesteps:
+        raise ArgumentError(f"--t must be in 0..{diffusion.num_timesteps - 1}, got {args.t}")
     prep = Preprocess(config.model.resolution)
     sources = []
     for path in args.images:
-        encoded, _ = prep.apply(decode_rgb(Path(path).read_bytes())[0])
+        try:
+            encoded, _ = prep.apply(decode_rgb(Path(path).read_bytes())[0])
+        except (OSError, ImageRejected) as error:
+            raise ArgumentError(f"--images {path}: {getattr(error, 'strerror', None) or error}") from None
         pixels = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         sources.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1)
     lambdas = np.linspace(0, 1, args.steps_between + 2).tolist()
@@ -67,7 +78,6 @@ def interpolate(args: argparse.Namespace) -> Path:
     out = Path(args.out)
     Image.fromarray(image_grid(row, columns=len(row))).save(out)
     log.info("wrote %s: source, %d interpolations at t=%d, source", out, len(lambdas), args.t)
-    return out
 
 
 def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
@@ -81,16 +91,5 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def run(args: argparse.Namespace, figure) -> int:
-    """Run `progressive` or `interpolate` as a command: one clear error instead of a traceback."""
-    from ddpm_core.checkpoint import CheckpointError
-    from ddpm_core.sampling import SamplesError
-    from pipelines.ray_runtime import configure_logging
-    from pipelines.tracking import TrackingError
-
-    configure_logging()
-    try:
-        figure(args)
-    except (SamplesError, TrackingError, CheckpointError, OSError, ValueError) as error:
-        log.error("%s", error)
-        return 2
-    return 0
+    """Run `progressive` or `interpolate` as a command."""
+    return run_job(figure, args)

@@ -1,4 +1,5 @@
-"""Connecting a job to Ray: the cluster it was submitted to, or a local Ray bound to 127.0.0.1."""
+"""Ray for the jobs: joining the cluster a job was submitted to (or a local Ray on 127.0.0.1, token auth on),
+running work on it (tasks, Ray Data actor pools, a resource check) and a local head with its job API."""
 
 from __future__ import annotations
 
@@ -14,8 +15,15 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+
+import numpy as np
+import ray
+import torch
+from ray.job_submission import JobSubmissionClient
+
+from ddpm_core.errors import ArgumentError, UserError
 
 log = logging.getLogger(__name__)
 # Where a client finds a cluster's token (Ray reads them in this order, then ~/.ray/auth_token).
@@ -24,8 +32,12 @@ REMOTE_TOKEN_FIX = ("set RAY_AUTH_MODE=token and RAY_AUTH_TOKEN_PATH=<a file hol
                     "(or RAY_AUTH_TOKEN=<the token>); the cluster's admin has it (`ray get-auth-token` on the head)")
 
 
-class RayConnectionError(RuntimeError):
+class RayConnectionError(UserError):
     """A cluster this job cannot join, with the fix."""
+
+
+class ClusterTooSmall(UserError):
+    """A cluster without the resources a job asks for."""
 
 
 def use_local_token(state_dir: Path) -> Path | None:
@@ -62,8 +74,6 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     job never attaches to one by accident. A local Ray gets a token of its own (`use_local_token`),
     kept in a folder that goes with this process.
     """
-    import ray
-
     address = address or os.environ.get("RAY_ADDRESS")
     if ray.is_initialized():
         return
@@ -95,16 +105,11 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
     The pool never holds more actors than there are items: an idle actor would only load its models.
     """
     if actors < 0:
-        raise ValueError(f"--actors must be >= 0, got {actors}")
+        raise ArgumentError(f"--actors must be >= 0, got {actors}")
     if actors == 0:
-        import numpy as np
-        import torch
-
         actor = actor_class(**{**actor_kwargs, "threads": torch.get_num_threads()})
         return ({key: value[0] for key, value in actor({k: np.array([v]) for k, v in item.items()}).items()}
                 for item in items)
-    import ray
-
     init_ray(address)
     pool = ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items))))
     return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
@@ -112,8 +117,29 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
         fn_constructor_kwargs=actor_kwargs, **ray_options).iter_rows()
 
 
-def configure_logging() -> None:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+def run_tasks(function: Callable, shared, calls: list[tuple], address: str | None, parallel: int | None,
+              max_retries: int = 3) -> Iterator:
+    """`function(shared, *call)` for each call as a Ray task of one CPU, at most `parallel` in flight (default:
+    the cluster's CPUs); yields the results as they finish. `shared` is put in the object store once."""
+    init_ray(address)
+    task = ray.remote(num_cpus=1, max_retries=max_retries)(function)
+    shared_ref = ray.put(shared)
+    limit = parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
+    queue, in_flight = list(calls), []
+    while queue or in_flight:
+        while queue and len(in_flight) < limit:
+            in_flight.append(task.remote(shared_ref, *queue.pop(0)))
+        finished, in_flight = ray.wait(in_flight, num_returns=1)
+        yield ray.get(finished[0])
+
+
+def require_resources(per_worker: dict[str, float], workers: int) -> None:
+    """Refuse a job the cluster cannot place: `workers` workers of `per_worker` resources each."""
+    available = ray.cluster_resources()
+    for kind, amount in per_worker.items():
+        if available.get(kind, 0) < amount * workers:
+            raise ClusterTooSmall(f"cannot place {workers} workers needing {amount:g} {kind} each: the cluster has "
+                                  f"{available.get(kind, 0):g} {kind}")
 
 
 def free_ports(count: int) -> list[int]:
@@ -170,8 +196,6 @@ class LocalHead:
 
     def _wait_for_job_api(self, timeout: float, log_path: Path) -> None:
         """The job agent registers seconds after the head starts: wait until a trivial job has run."""
-        from ray.job_submission import JobSubmissionClient
-
         deadline = time.monotonic() + timeout
         while True:
             try:
@@ -190,8 +214,9 @@ class LocalHead:
         """SIGTERM to the head's process group, then SIGKILL to whatever is left after `grace` seconds.
 
         Gracefully the raylet and GCS take 20-30 s to exit; nothing of this cluster outlives it (its
-        session folder is removed next), so a short grace is enough.
+        session folder is removed next), so a short grace is enough. This process detaches from it first.
         """
+        ray.shutdown()
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(grace)

@@ -14,9 +14,10 @@ import sys
 import time
 
 from ddpm_core.image_prep import ENCODINGS, FILTERS, Preprocess
-from ddpm_core.sharding import DatasetError, ShardJob, build_shard
-from ddpm_core.sources import SourceError, open_source
-from ddpm_core.storage import StorageError, open_storage
+from ddpm_core.sharding import ShardJob, build_shard
+from ddpm_core.sources import open_source
+from ddpm_core.storage import open_storage
+from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.shard")
 SOURCES = ("lsun", "celebahq", "folder", "cifar10")
@@ -41,66 +42,43 @@ def add_arguments(parser: argparse.ArgumentParser, source: str | None = None) ->
 
 
 def run(args: argparse.Namespace) -> int:
-    # Imported here so that `ddpm --help` and the argument parser load without Ray.
-    import ray
+    return run_job(shard, args)
 
-    from pipelines.ray_runtime import RayConnectionError, configure_logging, init_ray
 
-    configure_logging()
-    source_kind = args.source
-    try:
-        source = open_source(source_kind, args.input, split=args.split)
-        preprocess = Preprocess(args.resolution, args.filter or DEFAULT_FILTER[source_kind], args.encoding)
-        storage = open_storage(args.out)
-        storage.check_writable()
-        job = ShardJob(source, preprocess, storage, args.split, args.per_shard, args.limit)
-        todo, done = job.pending()
-    except (SourceError, StorageError, DatasetError, ValueError) as error:
-        log.error("%s", error)
-        return 2
+def shard(args: argparse.Namespace) -> None:
+    """Plan the shards, build the missing ones as Ray tasks, then write the manifest and dataset.json."""
+    from pipelines.ray_runtime import run_tasks
+
+    source = open_source(args.source, args.input, split=args.split)
+    preprocess = Preprocess(args.resolution, args.filter or DEFAULT_FILTER[args.source], args.encoding)
+    storage = open_storage(args.out)
+    storage.check_writable()
+    job = ShardJob(source, preprocess, storage, args.split, args.per_shard, args.limit)
+    todo, done = job.pending()
     log.info("%s: %d inputs in %d shards; %d already finished, %d to build",
              storage.uri, sum(p.count for p in job.plans), len(job.plans), len(done), len(todo))
-
-    results = list(done)
+    results, start, images = list(done), time.monotonic(), 0
     if todo:
-        try:
-            init_ray(args.address)
-        except RayConnectionError as error:
-            log.error("%s", error)
-            return 2
-        task = ray.remote(num_cpus=1, max_retries=3)(build_shard)
-        source_ref = ray.put(source)
-        limit = args.parallel or max(1, int(ray.cluster_resources().get("CPU", 1)))
-        queue, in_flight, start, images = list(todo), [], time.monotonic(), 0
-        while queue or in_flight:
-            while queue and len(in_flight) < limit:
-                in_flight.append(task.remote(source_ref, preprocess, queue.pop(0), args.split, storage))
-            finished, in_flight = ray.wait(in_flight, num_returns=1)
-            result = ray.get(finished[0])
+        for result in run_tasks(build_shard, source, [(preprocess, plan, args.split, storage) for plan in todo],
+                                args.address, args.parallel):
             results.append(result)
             images += result.num_samples + len(result.rejects)
-            elapsed = time.monotonic() - start
             log.info("shards %d/%d, images %d, %.1f images/s", len(results), len(job.plans),
-                     sum(r.num_samples for r in results), images / elapsed)
-    try:
-        dataset = job.finalize(results)
-    except (StorageError, DatasetError) as error:
-        log.error("%s", error)
-        return 2
+                     sum(r.num_samples for r in results), images / (time.monotonic() - start))
+    dataset = job.finalize(results)
     counts = dataset["counts"]
     log.info("done: %s — %d written, %d rejected of %d inputs in %d shards; fingerprint %s",
              storage.uri, counts["written"], counts["rejected"], counts["inputs"], counts["shards"],
              dataset["fingerprint"][:16])
-    return 0
 
 
 def main(argv: list[str] | None = None, source: str | None = None) -> int:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    add_arguments(parser, source)
-    args = parser.parse_args(argv)
-    if source is not None:
-        args.source = source
-    return run(args)
+    """`python pipelines/shard.py`, or an alias script with its `source` fixed (shard_lsun.py)."""
+    def run_source(args: argparse.Namespace) -> int:
+        args.source = source or args.source
+        return run(args)
+
+    return command_line(__doc__.splitlines()[0], lambda parser: add_arguments(parser, source), run_source, argv)
 
 
 if __name__ == "__main__":

@@ -76,3 +76,32 @@ def test_resolution_must_halve_cleanly():
     with pytest.raises(ConfigError, match="unknown model fields"):
         Config.from_dict({"preset": "x", "model": {"resolution": 32, "width": 3}})
     assert ModelConfig(resolution=32).ch_mult == (1, 2, 2, 2)
+
+
+@pytest.mark.parametrize(
+    "override, message",
+    [
+        ("train.lr=nan", "train.lr must be positive and finite, got nan"),
+        ("train.lr=inf", "train.lr must be positive and finite, got inf"),
+        ("train.lr=0", "train.lr must be positive and finite, got 0"),
+        ("train.lr=-1e-4", "train.lr must be positive and finite"),
+        ("train.adam_eps=0", "train.adam_eps must be positive and finite, got 0"),
+        ("train.adam_eps=nan", "train.adam_eps must be positive and finite, got nan"),
+        ("train.adam_betas=0.9", r"train.adam_betas must be two numbers in \[0, 1\), got \(0.9,\)"),
+        ("train.adam_betas=0.9,0.99,0.999", r"train.adam_betas must be two numbers in \[0, 1\)"),
+        ("train.adam_betas=0.9,1.0", r"train.adam_betas must be two numbers in \[0, 1\), got \(0.9, 1.0\)"),
+        ("train.adam_betas=-0.1,0.999", r"train.adam_betas must be two numbers in \[0, 1\)"),
+        ("train.adam_betas=nan,0.999", r"train.adam_betas must be two numbers in \[0, 1\)"),
+        ("train.grad_clip=nan", "train.grad_clip must be positive, got nan"),
+    ],
+)
+def test_optimizer_values_that_would_fail_on_the_workers_are_refused_naming_the_field(override, message):
+    with pytest.raises(ConfigError, match=message):
+        get_preset("cifar10").with_overrides([override])
+
+
+def test_a_stored_config_with_a_nan_learning_rate_is_refused_too():
+    data = get_preset("cifar10").to_dict()
+    data["train"]["lr"] = float("nan")
+    with pytest.raises(ConfigError, match="train.lr must be positive and finite"):
+        Config.from_dict(data)

@@ -193,7 +193,7 @@ def test_an_imported_model_folder_is_taken_by_export_register_and_the_sampling_j
 
     from ddpm_core.checkpoint import verify_model_folder
     from pipelines.cli import main as ddpm
-    from pipelines.registry import load_model, resolve_model, weights_sha256
+    from pipelines.mlflow_registry import load_model, resolve_model, weights_sha256
     from tests.errors import expect_one_error
 
     theirs = random_diffusers_unet("tiny", seed=11)

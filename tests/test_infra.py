@@ -564,7 +564,7 @@ def test_local_stack_up_use_down(monkeypatch):
     import boto3
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import TrackingError, connect
+    from pipelines.mlflow_tracking import TrackingError, connect
 
     # A short state path: Ray's unix sockets live below it (up.sh would otherwise move them to /tmp).
     state = Path(tempfile.mkdtemp(prefix="ddpm-ls-", dir="/tmp"))

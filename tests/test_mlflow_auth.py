@@ -228,7 +228,7 @@ def test_service_user_registers_a_model_with_the_ray_pods_credentials(server, se
 def test_without_or_with_wrong_credentials_mlflow_refuses(server, service_user, logged_in_as):
     from mlflow.tracking import MlflowClient
 
-    from pipelines.tracking import TrackingError, connect
+    from pipelines.mlflow_tracking import TrackingError, connect
 
     wrong = {"MLFLOW_TRACKING_USERNAME": SERVICE_USER, "MLFLOW_TRACKING_PASSWORD": "wrong-" + secrets.token_hex(8)}
     for credentials in (None, wrong):
@@ -309,7 +309,7 @@ def test_service_user_job_refuses_a_secret_with_a_trailing_newline(server, servi
 def test_credentials_file_of_ray_cluster_yaml_logs_in(server, service_user, logged_in_as, tmp_path, monkeypatch):
     from mlflow.utils.credentials import _get_credentials_path
 
-    from pipelines.tracking import connect
+    from pipelines.mlflow_tracking import connect
 
     # The file as ray_cluster.yaml's header writes it (its placeholder filled in), in the folder that its
     # file_mounts put at ~/.mlflow on every node.

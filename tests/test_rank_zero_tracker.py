@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 from mlflow.tracking import MlflowClient
 
+from pipelines.mlflow_tracking import WORKER_MLFLOW_ENV, RankZeroTracker
 from pipelines.ray_runtime import free_port
-from pipelines.train import WORKER_MLFLOW_ENV, RankZeroTracker
 from tests.mlflow_servers import MlflowServer
 
 

@@ -15,7 +15,7 @@ from PIL import Image
 from ddpm_core.fid import save_reference
 from ddpm_core.presets import get_preset
 from pipelines.fid_reference import main as reference_main
-from pipelines.registry import register
+from pipelines.mlflow_registry import register
 from pipelines.sample_fid import main as sample_main
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
@@ -219,7 +219,7 @@ def test_sampling_reads_the_registered_version_as_data_never_its_code(tmp_path, 
     marker = tmp_path / "code-ran"
     payload = f"import pathlib; pathlib.Path({str(marker)!r}).touch()\n"
     stored = registered_files(registered)
-    code_files = [stored / "ddpm_model.py", *sorted((stored / "code" / "ddpm_core").glob("*.py"))]
+    code_files = [stored / "mlflow_model.py", *sorted((stored / "code" / "ddpm_core").glob("*.py"))]
     assert len(code_files) > 10
     for file in code_files:
         file.write_text(payload + file.read_text())

@@ -20,9 +20,8 @@ from ddpm_core.sampling import SamplesError, SampleSpec, bf16_is_fast, prepare_o
 from ddpm_core.storage import open_storage
 from ddpm_core.unet import UNet
 from pipelines.cli import build_parser
+from pipelines.evaluation import EvalSpec, sampler_settings, sampling_precision_is_bf16
 from pipelines.sample_fid import main as sample_main
-from pipelines.sample_fid import sampler_settings, sampling_precision_is_bf16
-from pipelines.schedule_sampling import EvalSpec
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 
@@ -61,7 +60,7 @@ def test_bf16_is_on_for_cuda_and_for_cpus_with_native_bf16(monkeypatch):
 
 
 def test_scored_samples_default_to_fp32_and_samples_only_to_the_fast_path(monkeypatch):
-    monkeypatch.setattr("pipelines.sample_fid.bf16_is_fast", lambda device: True)
+    monkeypatch.setattr("pipelines.evaluation.bf16_is_fast", lambda device: True)
     parser = build_parser()
     for command, default in (("fid", False), ("sample", True)):
         args = parser.parse_args([command, "--model", "m", "--num", "8", "--out", "o"])

@@ -25,20 +25,12 @@ from ddpm_core.inception import TRUSTED_ENV, FIDInception
 from ddpm_core.presets import get_preset
 from ddpm_core.storage import sha256_file
 from pipelines.cron import Cron, CronError
+from pipelines.evaluation import EvalSpec, InvalidResult, check_result, verified_fid
 from pipelines.fid_reference import main as reference_main
-from pipelines.registry import register
-from pipelines.schedule_sampling import (
-    CHAMPION,
-    EvalSpec,
-    InvalidResult,
-    add_arguments,
-    build,
-    check_result,
-    serve,
-    submission_id,
-    verified_fid,
-)
+from pipelines.mlflow_registry import CHAMPION, register
+from pipelines.schedule_sampling import add_arguments, build, serve
 from pipelines.schedule_sampling import main as schedule_main
+from pipelines.scheduler_decisions import submission_id
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset

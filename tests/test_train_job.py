@@ -22,8 +22,8 @@ from ddpm_core.ema import EMA
 from ddpm_core.presets import get_preset
 from ddpm_core.training import build_optimizer
 from ddpm_core.unet import UNet
-from pipelines.tracking import REPLACED_BY_TAG, RUN_NAME_TAG, find_or_create_run
-from pipelines.train import CHECKPOINT_DIR_TAG, check_resumable
+from pipelines.mlflow_tracking import CHECKPOINT_DIR_TAG, REPLACED_BY_TAG, RUN_NAME_TAG, find_or_create_run
+from pipelines.train import check_resumable
 from pipelines.train import main as train_main
 from tests.errors import expect_one_error
 from tests.mlflow_servers import LOG_BATCH, OutageProxy
@@ -163,8 +163,8 @@ def test_each_rank_reads_a_remote_checkpoint_into_a_folder_of_its_own(tmp_path, 
 
     from ray.train import Checkpoint
 
-    from ddpm_core.storage import s3_client
-    from pipelines.train import resume_from, storage_filesystem
+    from ddpm_core.storage import s3_client, storage_filesystem
+    from pipelines.ray_train import resume_from
     from tests.models import tiny_checkpoint
 
     local = tiny_checkpoint(tmp_path / "checkpoint", seed=3, step=16)

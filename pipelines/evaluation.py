@@ -1,0 +1,271 @@
+"""What an evaluation is, shared by the sampling job (pipelines/sample_fid.py) and the scheduler
+(pipelines/schedule_sampling.py); I/O-free.
+
+- The sampler flags, declared once (`add_sampler_arguments`), with one meaning in `ddpm sample`, `ddpm fid`
+  and `ddpm schedule`; `run_options` forwards the ones that say how a batch runs, not what it is.
+- `EvalSpec`: what the scheduler evaluates a version under; its digest names the records, the tags and
+  the Ray job ids of that evaluation.
+- `EvaluationResult`: fid.json, written by the sampling job and read back, then checked against a spec
+  (`check_result`), by the scheduler.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import math
+from dataclasses import asdict, dataclass, fields, replace
+
+from ddpm_core.diffusion import SPACINGS
+from ddpm_core.errors import UserError
+from ddpm_core.fid import FEATURE_DIM
+from ddpm_core.inception import FEATURES, accepted_weights
+from ddpm_core.sampling import SAMPLERS, SPEC_DEFAULTS, SamplesError, SampleSpec, bf16_is_fast
+
+PUBLISHED_N = 50000  # samples per published FID
+# Settings added after the first specs and results were recorded, with the value those meant.
+ADDED_FIELDS = {key: SPEC_DEFAULTS[key] for key in ("spacing", "clip")}
+FID_LABELS = ("fid", "pseudo_fid")  # with the verified FID network; with its random-init variant (never an FID)
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, features_default: str = "inception") -> None:
+    """What `ddpm sample`, `ddpm fid` and `ddpm schedule` sample and score with, and how a batch runs."""
+    parser.add_argument("--num", type=int, default=PUBLISHED_N,
+                        help=f"number of samples N (default {PUBLISHED_N}, as published FIDs)")
+    parser.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid, clean-fid, ADM)")
+    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
+                        help="ddpm: Algorithm 2, all T steps; ddim; dpmpp_2m: DPM-Solver++(2M); unipc: UniPC-2 "
+                             "(README: the quality-vs-cost table)")
+    parser.add_argument("--steps", type=int, default=50, help="network evaluations of ddim, dpmpp_2m and unipc "
+                                                              "(ddpm always uses all T)")
+    parser.add_argument("--spacing", choices=SPACINGS, default="linspace",
+                        help="where those steps lie in 0..T-1 (ddpm: every step). linspace: both ends, DDIM's "
+                             "timesteps here so far; leading: diffusers' default; trailing: starts at T-1; "
+                             "quadratic: DDIM's CIFAR-10 choice")
+    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (the solvers are deterministic)")
+    parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
+                        help="clip x̂0 to [-1, 1] at every step (default: the model's clip_denoised, on for every "
+                             "preset, as the paper; the scheduler records it as on). Recorded in samples.json")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=None,
+                        help="the network under bf16 autocast, the diffusion arithmetic in fp32. Default: fp32 "
+                             "when scoring (paper parity; bench/sampler_table.py shows what bf16 moves); samples "
+                             "only: on with --gpu and on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16). "
+                             "Recorded in samples.json")
+    parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses (seed, i)")
+    parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
+    parser.add_argument("--features", choices=FEATURES, default=features_default,
+                        help="inception: the FID network (verified weights); random-init: development only, "
+                             "reported as pseudo-FID, which never promotes; none: sample only")
+    parser.add_argument("--actors", type=int, default=1, help="sampling actors (one GPU each with --gpu); 0: in "
+                                                              "this process, without Ray (small sample sets)")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass on an actor")
+    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    parser.add_argument("--inception-weights", default=None,
+                        help="FID Inception weights file (else DDPM_INCEPTION_WEIGHTS, else the cache); for "
+                             "`ddpm schedule`, a path on the cluster's nodes")
+    parser.add_argument("--allow-small-n", action="store_true",
+                        help=f"allow N < {FEATURE_DIM} (the covariance is then singular; tests and smoke runs only)")
+
+
+def run_options(args: argparse.Namespace) -> list[str]:
+    """The sampler flags that say how a batch runs (resources, batch size), not what the evaluation is."""
+    options = ["--actors", str(args.actors), "--batch-size", str(args.batch_size),
+               "--cpus-per-actor", str(args.cpus_per_actor)]
+    options += ["--gpu"] if args.gpu else []
+    options += ["--allow-small-n"] if args.allow_small_n else []
+    return options + (["--inception-weights", args.inception_weights] if args.inception_weights else [])
+
+
+def sampler_settings(args: argparse.Namespace, timesteps: int | None) -> tuple[int, str, float]:
+    """(steps, spacing, eta) as a spec records them: what does not apply to the sampler takes its default.
+
+    `timesteps` is the model's T; the scheduler, which does not know it, passes None (ddpm's steps are then 0).
+    """
+    if args.sampler == "ddpm":
+        return timesteps or 0, "linspace", 0.0
+    if args.steps < 1 or (timesteps is not None and args.steps > timesteps):
+        raise SamplesError(f"--steps must be in 1..{timesteps or 'T'}, got {args.steps}")
+    if args.eta < 0:
+        raise SamplesError(f"--eta must be >= 0, got {args.eta}")
+    return args.steps, args.spacing, args.eta if args.sampler == "ddim" else 0.0
+
+
+def sampling_precision_is_bf16(args: argparse.Namespace, scoring: bool) -> bool:
+    """--bf16 / --no-bf16 if given; else fp32 for a scored sample set (paper parity), the fast path otherwise."""
+    if args.bf16 is not None:
+        return args.bf16
+    return not scoring and bf16_is_fast("cuda" if args.gpu else "cpu")
+
+
+def clip_setting(args: argparse.Namespace, model_clips: bool = True) -> bool:
+    """--clip / --no-clip if given, else the model's clip_denoised (on for every preset: the scheduler, which does
+    not open the model, records on)."""
+    return model_clips if args.clip is None else args.clip
+
+
+class InvalidResult(UserError):
+    """A fid.json that cannot count, with the reason."""
+
+
+@dataclass(frozen=True)
+class EvaluationResult:
+    """fid.json: what was sampled from which weights, scored with which network against which reference, and the
+    scores (a score that was not computed is left out of the file)."""
+
+    model: str  # the resolved model: models:/<name>/<version>, a model folder or a checkpoint
+    model_weights_sha256: str
+    sampler: str
+    steps: int
+    spacing: str
+    eta: float
+    clip: bool
+    seed: int
+    num: int
+    bf16: bool
+    features: str  # inception, random-init or none
+    inception_weights_sha256: str | None  # the FID network's weights, or random-init(seed=0)
+    reference: str | None
+    reference_sha256: str | None
+    fid: float | None = None
+    pseudo_fid: float | None = None
+    inception_score: float | None = None
+    inception_score_std: float | None = None
+    pseudo_inception_score: float | None = None
+    pseudo_inception_score_std: float | None = None
+
+    @classmethod
+    def of_samples(cls, spec: SampleSpec, features: str, model_weights_sha256: str,
+                   inception_weights_sha256: str | None, reference: str | None,
+                   reference_sha256: str | None) -> EvaluationResult:
+        """The record of a sample set, not scored yet."""
+        return cls(spec.model, model_weights_sha256, spec.sampler, spec.steps, spec.spacing, spec.eta, spec.clip,
+                   spec.seed, spec.num, spec.bf16, features, inception_weights_sha256, reference, reference_sha256)
+
+    @property
+    def label(self) -> str:
+        """The name its Fréchet distance goes by: an FID only with the FID network."""
+        return "fid" if self.features == "inception" else "pseudo_fid"
+
+    def scored(self, fid: float | None, inception_score: tuple[float, float]) -> EvaluationResult:
+        """With its scores: the Fréchet distance (None without a reference) and the Inception Score (mean, std)."""
+        prefix = "" if self.features == "inception" else "pseudo_"
+        return replace(self, **{self.label: fid, f"{prefix}inception_score": inception_score[0],
+                                f"{prefix}inception_score_std": inception_score[1]})
+
+    def scores(self) -> dict[str, float]:
+        return {key: value for key, value in asdict(self).items() if key in SCORES and value is not None}
+
+    def fids(self) -> dict[str, float]:
+        """Its Fréchet distance under its label (fid or pseudo_fid), if one was computed."""
+        return {key: value for key, value in self.scores().items() if key in FID_LABELS}
+
+    def to_json(self) -> dict:
+        return {key: value for key, value in asdict(self).items() if key not in SCORES or value is not None}
+
+    def to_bytes(self) -> bytes:
+        return json.dumps(self.to_json(), indent=2, sort_keys=True).encode()
+
+    @classmethod
+    def from_json(cls, data: dict) -> EvaluationResult:
+        """A parsed fid.json, as found: a setting written before it was recorded reads as the value it meant, any
+        other missing field as None (values are not converted: `check_result` judges them)."""
+        return cls(**{f.name: data.get(f.name, ADDED_FIELDS.get(f.name)) for f in fields(cls)})
+
+    @classmethod
+    def parse(cls, data: bytes, name: str) -> EvaluationResult:
+        """The one reader of fid.json files; InvalidResult if `data` is not one."""
+        try:
+            parsed = json.loads(data)
+        except ValueError as error:
+            raise InvalidResult(f"{name} is not JSON: {error}") from None
+        if not isinstance(parsed, dict):
+            raise InvalidResult(f"{name} is not a JSON object")
+        return cls.from_json(parsed)
+
+
+SCORES = {f.name for f in fields(EvaluationResult) if f.default is None}
+
+
+def _as_result(result: EvaluationResult | dict) -> EvaluationResult:
+    return result if isinstance(result, EvaluationResult) else EvaluationResult.from_json(result)
+
+
+@dataclass(frozen=True)
+class EvalSpec:
+    """What an evaluation is; a version is evaluated once per spec (its digest is in the job ids)."""
+
+    num: int
+    sampler: str
+    steps: int
+    eta: float
+    seed: int
+    ref: str | None
+    features: str
+    per_tar: int
+    bf16: bool = False  # the network's precision: FIDs under one spec come from one precision
+    reference_sha256: str | None = None  # what `ref` held: a changed reference file is another spec
+    spacing: str = "linspace"  # where the steps lie (ddpm: every step)
+    clip: bool = True  # x̂0 clipped to [-1, 1]
+
+    @classmethod
+    def from_arguments(cls, args: argparse.Namespace, reference_sha256: str | None) -> EvalSpec:
+        """The spec of the sampler flags (`add_sampler_arguments`), with the sha256 of what --ref holds."""
+        steps, spacing, eta = sampler_settings(args, timesteps=None)
+        bf16 = sampling_precision_is_bf16(args, scoring=args.features != "none")
+        return cls(args.num, args.sampler, steps, eta, args.seed, args.ref, args.features, args.per_tar, bf16,
+                   reference_sha256, spacing, clip_setting(args))
+
+    @property
+    def digest(self) -> str:
+        # Fields added after the first specs were recorded count only away from the value those specs
+        # meant, so that an existing spec keeps its digest, its records and its champion.
+        fields_ = {k: v for k, v in asdict(self).items() if k not in ADDED_FIELDS or v != ADDED_FIELDS[k]}
+        return hashlib.sha256(json.dumps(fields_, sort_keys=True).encode()).hexdigest()[:10]
+
+    def mismatch(self, result: EvaluationResult | dict) -> str | None:
+        """How a fid.json differs from what this spec asks, or None: every setting both record under one name
+        (ddpm's steps are the model's T, which the spec does not know)."""
+        found = _as_result(result)
+        for key in COMPARED:
+            asked, value = getattr(self, key), getattr(found, key)
+            if value != asked and not (key == "steps" and self.sampler == "ddpm"):
+                return f"its {key} is {value!r}, the spec's {asked!r}"
+        return None
+
+    def job_arguments(self) -> list[str]:
+        """The sampler flags of the sampling job that evaluates this spec."""
+        arguments = ["--num", str(self.num), "--sampler", self.sampler, "--steps", str(self.steps),
+                     "--spacing", self.spacing, "--eta", str(self.eta), "--clip" if self.clip else "--no-clip",
+                     "--seed", str(self.seed), "--features", self.features, "--per-tar", str(self.per_tar),
+                     "--bf16" if self.bf16 else "--no-bf16"]
+        return arguments + (["--ref", self.ref] if self.ref else [])
+
+
+COMPARED = tuple(f.name for f in fields(EvalSpec) if f.name in {r.name for r in fields(EvaluationResult)})
+
+
+def check_result(result: EvaluationResult | dict, model: str, spec: EvalSpec,
+                 model_weights_sha256: str | None) -> EvaluationResult:
+    """`result` if it is this spec's evaluation of `model` (its registered weights), else InvalidResult."""
+    found = _as_result(result)
+    if found.model != model:
+        raise InvalidResult(f"it scores {found.model!r}, not {model}")
+    if (difference := spec.mismatch(found)) is not None:
+        raise InvalidResult(difference)
+    if found.model_weights_sha256 != model_weights_sha256:
+        raise InvalidResult("it was computed from other weights than the version's registered ones")
+    for label in FID_LABELS:
+        value = getattr(found, label)
+        if value is not None and not (isinstance(value, (int, float)) and math.isfinite(value)):
+            raise InvalidResult(f"its {label} is {value!r}, not a finite number")
+    return found
+
+
+def verified_fid(result: EvaluationResult | dict) -> float | None:
+    """The FID of a checked result, if it was computed with verified Inception weights (never a pseudo-FID)."""
+    found = _as_result(result)
+    if found.fid is None or found.inception_weights_sha256 not in accepted_weights():
+        return None
+    return float(found.fid)

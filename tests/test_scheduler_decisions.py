@@ -1,0 +1,193 @@
+"""The scheduler's decisions as pure functions: no Ray, no MLflow, milliseconds (pipelines/scheduler_decisions.py)."""
+
+from dataclasses import dataclass
+
+import pytest
+
+from pipelines.evaluation import EvalSpec
+from pipelines.scheduler_decisions import (
+    FAILED,
+    FINISH,
+    GAVE_UP,
+    GIVE_UP,
+    RESUBMIT,
+    SKIP,
+    SUBMIT,
+    SUBMITTED,
+    SUCCEEDED,
+    WATCH,
+    Decision,
+    Promotion,
+    SchedulerError,
+    Step,
+    TickReport,
+    VersionState,
+    attempts_of,
+    decide_promotion,
+    failed_decision,
+    job_prefix,
+    next_step,
+    read_count,
+    retrying,
+    submission_id,
+)
+
+DIGEST = "07940bdd29"
+PREFIX = f"ddpm-eval-ddpm-tiny-v3-{DIGEST}-a"
+
+
+@dataclass(frozen=True)
+class Job:
+    submission_id: str
+    ended: bool
+
+
+def state(tags=None, batches=(), attempts=0, selected=True) -> VersionState:
+    """Version 3 with these eval tags and these batches (attempt, ended) on the cluster."""
+    return VersionState(3, tags or {}, {a: Job(f"{PREFIX}{a}", ended) for a, ended in batches}, attempts, PREFIX,
+                        selected)
+
+
+def test_submission_ids_name_model_version_spec_and_attempt():
+    spec = EvalSpec(num=16, sampler="ddim", steps=4, eta=0.0, seed=0, ref="/data/fid_stats.npz",
+                    features="inception", per_tar=8, reference_sha256="cd" * 32)
+    assert spec.digest == DIGEST
+    assert job_prefix("ddpm-tiny", 3, DIGEST) == PREFIX
+    assert submission_id("ddpm-tiny", 3, spec, 2) == f"{PREFIX}2"
+    assert submission_id("DDPM lsun_bedroom256", 1, spec, 1) == f"ddpm-eval-ddpm-lsun-bedroom256-v1-{DIGEST}-a1"
+    jobs = {f"{PREFIX}1": "one", f"{PREFIX}12": "twelve", f"{PREFIX}x": "not an attempt",
+            f"ddpm-eval-ddpm-tiny-v33-{DIGEST}-a1": "another version"}
+    assert attempts_of(jobs, PREFIX) == {1: "one", 12: "twelve"}
+
+
+def test_a_new_version_is_submitted_and_a_running_batch_watched():
+    assert next_step(state(), max_attempts=3) == Step(SUBMIT, f"{PREFIX}1", 1)
+    running = state({"status": SUBMITTED, "job": f"{PREFIX}1", "attempts": "1"}, [(1, False)], attempts=1)
+    assert next_step(running, 3) == Step(WATCH, f"{PREFIX}1", 1)
+    # Another scheduler submitted attempt 1 but has not tagged it yet: follow it, never start a second.
+    assert next_step(state(batches=[(1, False)]), 3) == Step(WATCH, f"{PREFIX}1", 1)
+
+
+def test_recorded_versions_are_skipped_and_unselected_ones_never_submitted():
+    assert next_step(state({"status": SUCCEEDED, "job": f"{PREFIX}1"}, [(1, True)], 1), 3) == Step(SKIP)
+    assert next_step(state({"status": GAVE_UP}, attempts=3), 3) == Step(SKIP)
+    assert next_step(state(selected=False), 3) == Step(SKIP)
+
+
+def test_an_ended_batch_is_finished_and_a_forgotten_one_resubmitted():
+    ended = state({"status": SUBMITTED, "job": f"{PREFIX}2", "attempts": "2"}, [(1, True), (2, True)], attempts=2)
+    assert next_step(ended, 3) == Step(FINISH, f"{PREFIX}2", 2)
+    # The tags say succeeded but not of the latest batch (another scheduler's): record it.
+    other = state({"status": FAILED, "job": f"{PREFIX}1"}, [(1, True), (2, True)], attempts=1)
+    assert next_step(other, 3) == Step(FINISH, f"{PREFIX}2", 2)
+    # The cluster restarted and forgot the batch: the same id again (the samples resume).
+    forgotten = state({"status": SUBMITTED, "job": f"{PREFIX}2"}, attempts=2)
+    assert next_step(forgotten, 3) == Step(RESUBMIT, f"{PREFIX}2", 2)
+
+
+def test_a_failed_batch_is_retried_then_given_up():
+    failed = state({"status": FAILED, "job": f"{PREFIX}1", "error": "FAILED: boom"}, [(1, True)], attempts=1)
+    assert next_step(failed, 3) == Step(SUBMIT, f"{PREFIX}2", 2)
+    last = state({"status": FAILED, "job": f"{PREFIX}3", "error": "FAILED: boom"}, [(3, True)], attempts=3)
+    assert next_step(last, 3) == Step(GIVE_UP, f"{PREFIX}3", 3, "FAILED: boom")
+    # A count the tags lost (read as 0) is made up by the cluster's batches.
+    assert next_step(state({"status": FAILED, "job": f"{PREFIX}2"}, [(1, True), (2, True)]), 2) == \
+        Step(GIVE_UP, f"{PREFIX}2", 2, "")
+    assert failed_decision("x" * 200) == f"not promoted: the batch failed ({'x' * 120})"
+
+
+def test_the_best_verified_fid_is_promoted_and_the_others_told_why_not():
+    promotion = decide_promotion(DIGEST, None, {1: 20.0, 2: 12.5}, None, None, new=[1, 2])
+    assert promotion.champion == 2 and promotion.claim  # the first promotion claims `champion` for this spec
+    first = "promoted: FID 12.5000; no champion before"
+    loser = "not promoted: FID 20.0000 >= champion v2 FID 12.5000"
+    assert promotion.decisions == {
+        2: Decision(first, {"fid": 12.5, "champion": "", "champion_fid": "", "decision": first}),
+        1: Decision(loser, {"fid": 20.0, "champion": 2, "champion_fid": 12.5, "decision": loser})}
+    assert list(promotion.decisions) == [2, 1]  # the promoted version's decision is written first
+    better = decide_promotion(DIGEST, DIGEST, {1: 20.0, 2: 12.5, 3: 9.0}, 2, SUCCEEDED, new=[3])
+    text = "promoted: FID 9.0000 < champion v2 FID 12.5000"
+    assert better == Promotion(3, False, {3: Decision(text, {"fid": 9.0, "champion": 2, "champion_fid": 12.5,
+                                                             "decision": text})})
+    # A tie keeps the older version; the holder without a score under this spec is replaced.
+    assert decide_promotion(DIGEST, DIGEST, {4: 9.0, 3: 9.0}, 3, SUCCEEDED, new=[4]).champion is None
+    unscored = decide_promotion(DIGEST, DIGEST, {4: 9.0}, 1, GAVE_UP, new=[4])
+    assert unscored.champion == 4 and unscored.decisions[4].text == \
+        "promoted: FID 9.0000; champion v1 has no FID under this spec"
+
+
+def test_the_champion_is_kept_and_a_worse_score_not_promoted():
+    promotion = decide_promotion(DIGEST, DIGEST, {2: 12.5, 5: 13.0}, 2, SUCCEEDED, new=[2, 5])
+    kept, worse = "kept: already champion, FID 12.5000", "not promoted: FID 13.0000 >= champion v2 FID 12.5000"
+    assert promotion == Promotion(None, False, {
+        2: Decision(kept, {"fid": 12.5, "champion": 2, "champion_fid": 12.5, "decision": kept}),
+        5: Decision(worse, {"fid": 13.0, "champion": 2, "champion_fid": 12.5, "decision": worse})})
+
+
+def test_nothing_moves_while_the_champion_is_still_being_evaluated():
+    for status in (SUBMITTED, FAILED):
+        promotion = decide_promotion(DIGEST, DIGEST, {6: 1.0}, 2, status, new=[6])
+        text = "deferred: champion v2 is still being evaluated under this spec"
+        assert promotion == Promotion(None, False, {6: Decision(text, {"fid": 1.0, "champion": 2, "champion_fid": "",
+                                                                       "decision": text})})
+    # Once the holder has a score under this spec, the comparison is made.
+    assert decide_promotion(DIGEST, DIGEST, {2: 3.0, 6: 1.0}, 2, SUCCEEDED, new=[6]).champion == 6
+
+
+def test_a_pseudo_fid_never_promotes():
+    promotion = decide_promotion(DIGEST, None, {}, None, None, new=[7, 8], pseudo={7})
+    pseudo = "not promoted: pseudo-FID only (FID needs the verified Inception weights)"
+    none = "not promoted: no FID only (FID needs the verified Inception weights)"
+    assert promotion == Promotion(None, False, {
+        7: Decision(pseudo, {"fid": "", "champion": "", "champion_fid": "", "decision": pseudo}),
+        8: Decision(none, {"fid": "", "champion": "", "champion_fid": "", "decision": none})})
+    with_champion = decide_promotion(DIGEST, DIGEST, {2: 12.5}, 2, SUCCEEDED, new=[7], pseudo={7})
+    assert with_champion.champion is None and with_champion.decisions[7].tags == {
+        "fid": "", "champion": 2, "champion_fid": 12.5, "decision": pseudo}
+
+
+def test_another_specs_champion_is_recorded_only():
+    promotion = decide_promotion("0123456789", DIGEST, {3: 1.0}, 2, None, new=[3, 4])
+    text = f"recorded only: champion is decided under spec {DIGEST}, not 0123456789"
+    assert promotion == Promotion(None, False, {3: Decision(text, {"fid": 1.0, "decision": text}),
+                                                4: Decision(text, {"fid": "", "decision": text})})
+
+
+def test_the_report_says_failed_and_gave_up_and_tabulates_each_version():
+    report = TickReport()
+    assert report.table() == "nothing to do: every version is evaluated under this spec" and not report.failed
+    report.note(1, SUBMITTED, job=f"{PREFIX}1")
+    report.note(1, SUCCEEDED, score="fid 12.500")
+    assert not report.failed
+    report.note(2, FAILED, job="j2", decision=failed_decision("FAILED: boom"))
+    assert report.failed
+    gave_up = TickReport()
+    gave_up.note(3, GAVE_UP, decision="FAILED: boom")
+    assert gave_up.failed
+    lines = report.table().splitlines()
+    assert lines[0].split() == ["version", "status", "job", "score", "decision"]
+    assert lines[1].split()[:4] == ["1", SUCCEEDED, f"{PREFIX}1", "fid"]
+    assert lines[2].endswith("not promoted: the batch failed (FAILED: boom)")
+
+
+def test_counts_and_retries():
+    assert (read_count(None), read_count("2"), read_count("-1"), read_count("three")) == (0, 2, 0, None)
+    calls = []
+
+    def flaky():
+        calls.append(1)
+        if len(calls) < 3:
+            raise ConnectionError("refused")
+        return "answer"
+
+    assert retrying("reading", flaky, backoff=0) == "answer" and len(calls) == 3
+
+    def refused():
+        raise ConnectionError("refused")
+
+    with pytest.raises(SchedulerError, match="^writing failed 2 times: refused$"):
+        retrying("writing", refused, attempts=2, backoff=0)
+    # A write that took effect although its reply was lost; an answer that is not an outage.
+    assert retrying("writing", lambda: 1 / 0, done=lambda: True, backoff=0) is None
+    with pytest.raises(KeyError):
+        retrying("reading", lambda: {}["x"], permanent=lambda error: isinstance(error, KeyError), backoff=0)
