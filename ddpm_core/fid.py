@@ -152,21 +152,29 @@ def image_statistics(inception, images: np.ndarray, indices: np.ndarray, batch_s
     return features, scores
 
 
-def statistics_row(features: FeatureStats, scores: ScoreStats) -> dict[str, np.ndarray]:
-    """Statistics as one row of a Ray Data stage (or of its in-process stand-in), exactly mergeable."""
+def statistics_row(features: FeatureStats, scores: ScoreStats, extractor: str) -> dict[str, np.ndarray]:
+    """Statistics as one row of a Ray Data stage (or of its in-process stand-in), exactly mergeable, with the
+    extractor that computed them (the weights' sha256, or `random-init(seed=0)`)."""
     return {"n": np.array([features.n]), "total": features.total[None], "outer": features.outer[None],
-            "is_n": scores.n[None], "is_prob": scores.prob_sum[None], "is_plogp": scores.plogp_sum[None]}
+            "is_n": scores.n[None], "is_prob": scores.prob_sum[None], "is_plogp": scores.plogp_sum[None],
+            "extractor": np.array([extractor])}
 
 
-def merge_statistics(rows: Iterable[dict], total: int, what: str) -> tuple[FeatureStats, ScoreStats]:
-    """The sum of `statistics_row` rows (a row with only `n` counts images without statistics), logging progress
-    as `what done/total`."""
+def merge_statistics(rows: Iterable[dict], total: int, what: str) -> tuple[FeatureStats, ScoreStats, str | None]:
+    """The sum of `statistics_row` rows (a row with only `n` counts images without statistics) and their one
+    extractor (None without statistics), logging progress as `what done/total`. Rows computed by different
+    networks (nodes holding different weights files) are refused: their sum would be no one's statistics."""
     features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+    extractors: set[str] = set()
     done, started = 0, time.monotonic()
     for row in rows:
         done += int(row["n"])
         if "total" in row:
             features = features + FeatureStats(int(row["n"]), row["total"], row["outer"])
             scores = scores + ScoreStats(row["is_n"], row["is_prob"], row["is_plogp"])
+            extractors.add(str(row["extractor"]))
         log.info("%s %d/%d, %.2f/s", what, done, total, done / (time.monotonic() - started))
-    return features, scores
+    if len(extractors) > 1:
+        raise StatsError(f"the {what} were scored by different feature networks ({', '.join(sorted(extractors))}): "
+                         "give every node the same Inception weights file")
+    return features, scores, next(iter(extractors), None)

@@ -7,6 +7,9 @@ unpickles), and a seeded random-init variant for development ("pseudo-FID"). On 
 file is fetched from pytorch-fid's release into the cache and verified before it is kept, as
 pytorch-fid and torch-fidelity do (they do not check the hash); DDPM_INCEPTION_DOWNLOAD=0 turns
 that off for air-gapped clusters, and `ddpm fetch-weights` pre-seeds an image.
+
+Every process that computes features resolves the weights itself (`feature_network`), from its own
+environment and the accepted sha256s: a path found on a job's driver means nothing on a GPU node.
 """
 
 from __future__ import annotations
@@ -14,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import logging
 import os
+import tempfile
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -44,7 +48,6 @@ WEIGHTS_ENV = "DDPM_INCEPTION_WEIGHTS"
 # sha256s of further state_dicts an operator vouches for (e.g. their own conversion of the TF graph,
 # checked against published statistics); comma-separated. Every score records the sha it used.
 TRUSTED_ENV = "DDPM_INCEPTION_TRUSTED_SHA256"
-CACHE_DIR = Path(os.environ.get("DDPM_CACHE", Path.home() / ".cache" / "ddpm-ray")) / "inception"
 FILE_NAMES = ("pt_inception-2015-12-05-6726825d.pth", "weights-inception-2015-12-05-6726825d.pth")
 INPUT_SIZE = 299
 # Where the file is published (shared/reference/data_and_fid.md); DDPM_INCEPTION_URL names a mirror.
@@ -67,6 +70,11 @@ def accepted_weights() -> set[str]:
     return set(ACCEPTED_WEIGHTS) | trusted
 
 
+def cache_dir() -> Path:
+    """This process's cache of the weights: $DDPM_CACHE/inception, else ~/.cache/ddpm-ray/inception."""
+    return Path(os.environ.get("DDPM_CACHE") or Path.home() / ".cache" / "ddpm-ray") / "inception"
+
+
 def find_weights(path: str | os.PathLike | None = None) -> Path:
     """--inception-weights, else $DDPM_INCEPTION_WEIGHTS, else the cache folder (fetched into it on
     first use unless DDPM_INCEPTION_DOWNLOAD=0); verified by sha256."""
@@ -75,7 +83,7 @@ def find_weights(path: str | os.PathLike | None = None) -> Path:
         candidates = [Path(os.environ[WEIGHTS_ENV])]
     named = bool(candidates)
     if not candidates:
-        candidates = [CACHE_DIR / name for name in FILE_NAMES]
+        candidates = [cache_dir() / name for name in FILE_NAMES]
     found = next((c for c in candidates if c.is_file()), None)
     if found is None and not named and os.environ.get(DOWNLOAD_ENV, "1") != "0":
         return fetch_weights()
@@ -99,14 +107,16 @@ def fetch_weights(url: str | None = None) -> Path:
     The bytes are hashed as they arrive; a file whose sha256 is not accepted is deleted and refused, so
     nothing unverified is ever left where `find_weights` looks.
     """
-    url = url or os.environ.get(URL_ENV) or WEIGHTS_URL
-    final = CACHE_DIR / FILE_NAMES[0]
-    partial = final.with_name(final.name + ".partial")
-    CACHE_DIR.mkdir(parents=True, exist_ok=True)
-    log.info("fetching the FID Inception weights from %s into %s", url, CACHE_DIR)
+    url, cache = url or os.environ.get(URL_ENV) or WEIGHTS_URL, cache_dir()
+    final = cache / FILE_NAMES[0]
+    cache.mkdir(parents=True, exist_ok=True)
+    log.info("fetching the FID Inception weights from %s into %s", url, cache)
     digest = hashlib.sha256()
+    # A name of its own: actors of one node may fetch at once, and each renames only its complete file.
+    descriptor, partial_name = tempfile.mkstemp(dir=cache, prefix=f".{final.name}.", suffix=".partial")
+    partial = Path(partial_name)
     try:
-        with urllib.request.urlopen(url, timeout=60) as response, open(partial, "wb") as out:
+        with os.fdopen(descriptor, "wb") as out, urllib.request.urlopen(url, timeout=60) as response:
             for block in iter(lambda: response.read(1 << 20), b""):
                 digest.update(block)
                 out.write(block)
@@ -114,13 +124,14 @@ def fetch_weights(url: str | None = None) -> Path:
         partial.unlink(missing_ok=True)
         raise InceptionWeightsError(
             f"no Inception weights for FID: downloading {url} failed ({error}). Put {FILE_NAMES[0]} "
-            f"(sha256 {next(iter(ACCEPTED_WEIGHTS))}) in {CACHE_DIR}, or pass --inception-weights PATH / set "
+            f"(sha256 {next(iter(ACCEPTED_WEIGHTS))}) in {cache}, or pass --inception-weights PATH / set "
             f"{WEIGHTS_ENV}; {DOWNLOAD_ENV}=0 turns downloading off") from None
     if digest.hexdigest() not in accepted_weights():
         partial.unlink()
         raise InceptionWeightsError(f"the file downloaded from {url} has sha256 {digest.hexdigest()}, which is not "
                                     f"the FID network (accepted: {', '.join(sorted(accepted_weights()))}); "
                                     "deleted it, refusing to use it")
+    os.chmod(partial, 0o644)
     os.replace(partial, final)
     return final
 
@@ -196,22 +207,13 @@ class FIDInception(nn.Module):
         return pool, pool @ self.fc.weight.T
 
 
-def feature_extractor(features: str, weights: str | os.PathLike | None = None) -> tuple[str | None, str | None]:
-    """(the weights file to load, the extractor a score records) of a feature mode: `inception` gives the verified
-    file (`find_weights(weights)`) and its sha256; `random-init` (pseudo-FID) no file and `random-init(seed=0)`;
-    `none` neither."""
+def feature_network(features: str, weights: str | os.PathLike | None = None) -> tuple[FIDInception | None, str | None]:
+    """The network of a feature mode and the extractor its scores record, resolved in this process:
+    `inception` loads `find_weights(weights)` (this process's --inception-weights, $DDPM_INCEPTION_WEIGHTS or
+    cache, fetched if allowed) and records its sha256; `random-init` (pseudo-FID) records
+    `random-init(seed=0)`; `none` gives (None, None)."""
     if features == "inception":
-        found = find_weights(weights)
-        return str(found), sha256_file(found)
+        return FIDInception.from_weights(weights)
     if features == "random-init":
-        return None, f"random-init(seed={RANDOM_INIT_SEED})"
+        return FIDInception.random_init(RANDOM_INIT_SEED), f"random-init(seed={RANDOM_INIT_SEED})"
     return None, None
-
-
-def feature_network(features: str, weights: str | None) -> FIDInception | None:
-    """The network of a feature mode, weights from `feature_extractor`'s file: None for `none`."""
-    if features == "inception":
-        return FIDInception.from_weights(weights)[0]
-    if features == "random-init":
-        return FIDInception.random_init(RANDOM_INIT_SEED)
-    return None

@@ -34,6 +34,7 @@ from .storage import Storage, sha256_file
 SAMPLERS = ("ddpm", "ddim", "dpmpp_2m", "unipc")
 SOLVERS = {"dpmpp_2m": dpm_solver_pp_2m, "unipc": unipc}
 SPEC = "samples.json"
+LOCK = "_progress/lock.json"  # one sampling job per output (output_lock.py)
 
 
 class SamplesError(UserError):

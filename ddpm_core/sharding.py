@@ -17,11 +17,7 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
-import socket
 import tempfile
-import time
-import uuid
 import weakref
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -32,8 +28,9 @@ import webdataset as wds
 
 from .errors import UserError
 from .image_prep import ImageRejected, Preprocess
+from .output_lock import OutputLock
 from .sources import ShardPlan, Source, decode_record
-from .storage import Storage, StorageError, sha256_file
+from .storage import Storage, sha256_file
 
 MANIFEST = "manifest.parquet"
 REJECTS = "rejects.parquet"
@@ -145,70 +142,6 @@ class ShardReader:
             self.stream.close()
 
 
-class _OutputLock:
-    """One writer per output: LOCK is created only where absent (atomically), and removed by its holder."""
-
-    def __init__(self, storage: Storage):
-        self.storage = storage
-        self.record = {"host": socket.gethostname(), "pid": os.getpid(), "token": uuid.uuid4().hex,
-                       "since": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())}
-
-    def acquire(self) -> None:
-        if self._create():
-            return
-        holder = self._holder()
-        # A killed run's lock is taken over on its host, so that running the job again resumes it.
-        if holder is not None and _has_ended(holder) and self._take_over(holder) and self._create():
-            return
-        holder = self._holder()
-        who = f"pid {holder.get('pid')} on {holder.get('host')}, since {holder.get('since')}" if holder else "unknown"
-        raise DatasetError(f"output {self.storage.uri} is being written by another sharding job ({who}); if no "
-                           f"such job is running, delete {self.storage.url(LOCK)} and run again")
-
-    def release(self) -> None:
-        # Only our own: a lock that a user deleted and another job then took is not ours to remove.
-        if self._holder() == self.record:
-            self.storage.delete(LOCK)
-
-    def _create(self) -> bool:
-        return self.storage.create_exclusive(LOCK, json.dumps(self.record, sort_keys=True).encode())
-
-    def _holder(self) -> dict | None:
-        """The lock's record; None when there is none or it is being written at this moment."""
-        try:
-            record = json.loads(self.storage.read_bytes(LOCK))
-        except (OSError, StorageError, ValueError):
-            return None
-        return record if isinstance(record, dict) else None
-
-    def _take_over(self, stale: dict) -> bool:
-        # Of two runs that both found the stale lock, only the one that creates the marker removes it:
-        # the other could otherwise remove the lock that the first has just taken.
-        digest = hashlib.sha256(json.dumps(stale, sort_keys=True).encode()).hexdigest()[:16]
-        marker = f"{LOCK}.{digest}.takeover"  # a name of ours, whatever the lock's content
-        if not self.storage.create_exclusive(marker, b""):
-            return False
-        try:
-            if self._holder() == stale:
-                self.storage.delete(LOCK)
-        finally:
-            self.storage.delete(marker)
-        return True
-
-
-def _has_ended(holder: dict) -> bool:
-    """True only for a holder that ran on this host and runs no more (another host's cannot be checked)."""
-    if holder.get("host") != socket.gethostname() or not isinstance(holder.get("pid"), int):
-        return False
-    try:
-        os.kill(holder["pid"], 0)
-    except ProcessLookupError:
-        return True
-    except OSError:  # PermissionError: a process of another user
-        return False
-    return False
-
-
 class ShardJob:
     """The driver's side: check the output, list what is left to do, and commit the dataset.
 
@@ -234,7 +167,7 @@ class ShardJob:
             "limit": limit,
         }
         self.plans = source.plan(per_shard, limit)
-        self._lock = _OutputLock(storage)
+        self._lock = OutputLock(storage, LOCK, "sharding job", DatasetError)
         self._release: weakref.finalize | None = None
 
     def _hold_output(self) -> None:

@@ -16,6 +16,7 @@ import hashlib
 import json
 import math
 from dataclasses import asdict, dataclass, fields, replace
+from pathlib import Path
 
 from ddpm_core.diffusion import SPACINGS
 from ddpm_core.errors import UserError
@@ -62,11 +63,16 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, features_default: str
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass on an actor")
     parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--inception-weights", default=None,
-                        help="FID Inception weights file (else DDPM_INCEPTION_WEIGHTS, else the cache); for "
-                             "`ddpm schedule`, a path on the cluster's nodes")
+    add_weights_argument(parser)
     parser.add_argument("--allow-small-n", action="store_true",
                         help=f"allow N < {FEATURE_DIM} (the covariance is then singular; tests and smoke runs only)")
+
+
+def add_weights_argument(parser: argparse.ArgumentParser) -> None:
+    """--inception-weights: a path each scoring process opens on its own node (relative: to this directory)."""
+    parser.add_argument("--inception-weights", default=None, type=lambda path: str(Path(path).expanduser().absolute()),
+                        help="FID Inception weights file, at this path on every node that scores (else each node's "
+                             "DDPM_INCEPTION_WEIGHTS, else its cache, fetched there unless DDPM_INCEPTION_DOWNLOAD=0)")
 
 
 def run_options(args: argparse.Namespace) -> list[str]:

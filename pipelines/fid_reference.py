@@ -22,9 +22,10 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 
 from ddpm_core.errors import ArgumentError
 from ddpm_core.fid import image_statistics, merge_statistics, save_reference, statistics_row
-from ddpm_core.inception import feature_extractor, feature_network
+from ddpm_core.inception import feature_network
 from ddpm_core.sharding import read_dataset_info, read_manifest
 from ddpm_core.storage import open_storage
+from pipelines.evaluation import add_weights_argument
 from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.fid_reference")
@@ -37,7 +38,8 @@ class ShardStatistics:
         torch.set_num_threads(threads)
         self.storage = open_storage(data)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
-        self.inception = feature_network(features, weights).to(self.device)
+        network, self.extractor = feature_network(features, weights)  # this node's file (ddpm_core/inception.py)
+        self.inception = network.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         url, first = str(batch["url"][0]), int(batch["first_index"][0])
@@ -46,7 +48,7 @@ class ShardStatistics:
             images = np.stack([np.asarray(Image.open(io.BytesIO(s.get("png") or s["webp"])).convert("RGB"))
                                for s in samples])
         indices = np.arange(first, first + len(images))
-        return statistics_row(*image_statistics(self.inception, images, indices, device=self.device))
+        return statistics_row(*image_statistics(self.inception, images, indices, device=self.device), self.extractor)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -54,7 +56,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--out", default=None, help="output .npz (default <data>/fid_stats.npz, or "
                                                     "fid_stats_pseudo.npz with --features random-init)")
     parser.add_argument("--features", choices=("inception", "random-init"), default="inception")
-    parser.add_argument("--inception-weights", default=None)
+    add_weights_argument(parser)
     parser.add_argument("--shards", type=int, default=None,
                         help="use only the first K shards (a quicker, noisier reference; N is recorded)")
     parser.add_argument("--actors", type=int, default=1, help="Ray actors; 0: in this process, without Ray")
@@ -77,15 +79,14 @@ def reference_statistics(args: argparse.Namespace) -> int:
         if args.shards < 1:
             raise ArgumentError(f"--shards must be >= 1, got {args.shards}")
         rows = sorted(rows, key=lambda row: row["shard_index"])[:args.shards]
-    weights, extractor = feature_extractor(args.features, args.inception_weights)
     name = args.out or ("fid_stats.npz" if args.features == "inception" else "fid_stats_pseudo.npz")
     offsets = np.cumsum([0] + [row["num_samples"] for row in rows])
     items = [{"url": row["url"], "first_index": int(offset)} for row, offset in zip(rows, offsets)]
-    actor = {"data": storage.uri, "features": args.features, "weights": weights,
+    actor = {"data": storage.uri, "features": args.features, "weights": args.inception_weights,
              "threads": max(1, int(args.cpus_per_actor))}
     statistics = map_rows(ShardStatistics, actor, items, args.actors, args.address, num_cpus=args.cpus_per_actor,
                           gpu=args.gpu)
-    features, _ = merge_statistics(statistics, int(offsets[-1]), "images")
+    features, _, extractor = merge_statistics(statistics, int(offsets[-1]), "images")
     mu, sigma = features.mean_cov()
     payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize="tf1_bilinear_299",
                              dataset_fingerprint=info["fingerprint"], features=args.features)

@@ -95,6 +95,43 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
     log.info("Ray resources: %s", ray.cluster_resources())
 
 
+class WorkerUserError(UserError):
+    """A UserError raised by an actor on a worker, as that actor's one line."""
+
+
+USER_ERROR = "user_error"  # the column of a row that carries an actor's UserError to the driver
+
+
+class _UserErrorsAsRows:
+    """A Ray Data actor around `actor_class(**kwargs)` (a subclass per actor class, named after it: see
+    `map_rows`): a UserError in its constructor or a call becomes a row {USER_ERROR: message}. Raised, Ray would
+    retry what no retry fixes, then report a dead actor without the message (ActorDiedError keeps only text)."""
+
+    actor_class: type
+
+    def __init__(self, **kwargs):
+        self.actor, self.error = None, None
+        try:
+            self.actor = self.actor_class(**kwargs)
+        except UserError as error:
+            self.error = str(error)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        if self.error is None:
+            try:
+                return self.actor(batch)
+            except UserError as error:
+                self.error = str(error)
+        return {USER_ERROR: np.array([self.error])}
+
+
+def _raise_user_errors(rows: Iterator[dict]) -> Iterator[dict]:
+    for row in rows:
+        if USER_ERROR in row:
+            raise WorkerUserError(str(row[USER_ERROR]))
+        yield row
+
+
 def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, address: str | None, *,
              num_cpus: float, gpu: bool = False, **ray_options) -> Iterator[dict]:
     """The rows of `actor_class(**actor_kwargs)` called on one item at a time, from a pool of `actors` Ray Data
@@ -103,6 +140,7 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
     `actors=0`: one instance in this process yields the rows Ray Data would, using this process's threads
     (`actor_kwargs["threads"]`): small jobs need no Ray. The items stay in their order either way.
     The pool never holds more actors than there are items: an idle actor would only load its models.
+    A UserError of an actor on a worker is raised here, as itself, and not retried.
     """
     if actors < 0:
         raise ArgumentError(f"--actors must be >= 0, got {actors}")
@@ -112,9 +150,11 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
                 for item in items)
     init_ray(address)
     pool = ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items))))
-    return ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        actor_class, batch_size=1, compute=pool, num_gpus=1 if gpu else 0, num_cpus=num_cpus,
-        fn_constructor_kwargs=actor_kwargs, **ray_options).iter_rows()
+    # Named after the actor class: Ray's stage, actor and dashboard names say what runs.
+    guarded = type(actor_class.__name__, (_UserErrorsAsRows,), {"actor_class": actor_class})
+    return _raise_user_errors(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+        guarded, batch_size=1, compute=pool, num_gpus=1 if gpu else 0, num_cpus=num_cpus,
+        fn_constructor_kwargs=actor_kwargs, **ray_options).iter_rows())
 
 
 def run_tasks(function: Callable, shared, calls: list[tuple], address: str | None, parallel: int | None,
@@ -214,9 +254,11 @@ class LocalHead:
         """SIGTERM to the head's process group, then SIGKILL to whatever is left after `grace` seconds.
 
         Gracefully the raylet and GCS take 20-30 s to exit; nothing of this cluster outlives it (its
-        session folder is removed next), so a short grace is enough. This process detaches from it first.
+        session folder is removed next), so a short grace is enough. This process detaches from it first, if
+        it joined it (a connection to another cluster is left alone).
         """
-        ray.shutdown()
+        if ray.is_initialized() and ray.get_runtime_context().gcs_address == self.address:
+            ray.shutdown()
         try:
             os.killpg(self.process.pid, signal.SIGTERM)
             self.process.wait(grace)

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.errors import ArgumentError
+from ddpm_core.errors import ArgumentError, UserError
 from ddpm_core.fid import (
     FEATURE_DIM,
     FeatureStats,
@@ -32,9 +32,12 @@ from ddpm_core.fid import (
     merge_statistics,
     statistics_row,
 )
-from ddpm_core.inception import feature_extractor, feature_network
+from ddpm_core.inception import feature_network
+from ddpm_core.output_lock import OutputLock
 from ddpm_core.pixels import image_grid, to_uint8
 from ddpm_core.sampling import (
+    LOCK,
+    SPEC,
     SamplesError,
     SampleSpec,
     prepare_output,
@@ -69,7 +72,7 @@ class SampleAndScore:
         self.model.to(self.device)
         self.diffusion = GaussianDiffusion.from_config(self.config.diffusion)
         self.spec, self.storage, self.batch_size = SampleSpec(**spec), open_storage(out), batch_size
-        network = feature_network(features, weights)
+        network, self.extractor = feature_network(features, weights)  # this node's file (ddpm_core/inception.py)
         self.inception = None if network is None else network.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
@@ -86,7 +89,8 @@ class SampleAndScore:
             write_sample_tar(self.storage, k, indices, images)
         if self.inception is None:
             return {"n": np.array([len(indices)])}
-        return statistics_row(*image_statistics(self.inception, images, np.asarray(indices), device=self.device))
+        return statistics_row(*image_statistics(self.inception, images, np.asarray(indices), device=self.device),
+                              self.extractor)
 
 
 def add_arguments(parser: argparse.ArgumentParser, features_default: str = "inception") -> None:
@@ -116,7 +120,6 @@ def evaluate(args: argparse.Namespace) -> int:
     if scoring and args.num < FEATURE_DIM and not args.allow_small_n:
         raise SamplesError(f"N={args.num} is smaller than the feature dimension {FEATURE_DIM}: the covariance would be "
                            "singular and the FID meaningless; use --num 50000 (or >= 2048)")
-    weights, extractor = feature_extractor(args.features, args.inception_weights)
     reference, reference_sha = None, None
     if args.ref and scoring:
         data = read_uri(args.ref)
@@ -127,36 +130,49 @@ def evaluate(args: argparse.Namespace) -> int:
     spec = SampleSpec(model.resolved, args.sampler, steps, eta, args.seed, args.num, args.per_tar,
                       config.model.resolution, sampling_precision_is_bf16(args, scoring), spacing,
                       clip_setting(args, config.diffusion.clip_denoised))
-    features, scores = sample(args, spec, storage, model.tracking_uri, weights)
+    features, scores, extractor = sample(args, spec, storage, model.tracking_uri)
     result = EvaluationResult.of_samples(spec, args.features, model.weights_sha256, extractor, args.ref, reference_sha)
     if scoring:
         mu, sigma = features.mean_cov()
         result = result.scored(frechet_distance(mu, sigma, *reference) if reference is not None else None,
                                scores.inception_score())
     storage.write_bytes("fid.json", result.to_bytes())
-    log_results(client, model, result, storage)
+    try:
+        log_results(client, model, result, storage)
+    except Exception:  # noqa: BLE001 - the batch's result is fid.json; MLflow only mirrors it
+        log.warning("the scores are in %s; mirroring them to MLflow failed (the batch still succeeds):",
+                    storage.url("fid.json"), exc_info=True)
     log.info("done: %s", result.scores() or "samples only")
     return 0
 
 
-def sample(args: argparse.Namespace, spec: SampleSpec, storage: Storage, tracking_uri: str,
-           weights: str | None) -> tuple[FeatureStats, ScoreStats]:
-    """The sample tars of `spec` (finished ones re-read) on a pool of actors, and their merged statistics."""
+def sample(args: argparse.Namespace, spec: SampleSpec, storage: Storage,
+           tracking_uri: str) -> tuple[FeatureStats, ScoreStats, str | None]:
+    """The sample tars of `spec` (finished ones re-read) on a pool of actors, their merged statistics and the
+    extractor that computed them (each actor resolves the Inception weights on its own node)."""
     from pipelines.ray_runtime import map_rows
 
-    finished = set(prepare_output(storage, spec))
-    tars = spec.tars()
-    log.info("%s: %d samples of %s in %d tars (%d already there), %s %d steps (%s), seed %d, %s, %s; %d actor(s)",
-             storage.uri, spec.num, spec.model, len(tars), len(finished), spec.sampler, spec.steps, spec.spacing,
-             spec.seed, "clip" if spec.clip else "no clip", "bf16" if spec.bf16 else "fp32", args.actors)
-    rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
-    # Bounded retries (Ray Data's default is forever): a batch that keeps failing ends as a failed job.
-    stage = map_rows(SampleAndScore, {"model": spec.model, "tracking_uri": tracking_uri, "spec": spec.__dict__,
-                                      "out": storage.uri, "features": args.features, "weights": weights,
-                                      "batch_size": args.batch_size, "threads": max(1, int(args.cpus_per_actor))},
-                     rows, args.actors, args.address, num_cpus=args.cpus_per_actor, gpu=args.gpu,
-                     max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
-    return merge_statistics(stage, spec.num, "samples")
+    with OutputLock(storage, LOCK, "sampling job", SamplesError):
+        fresh = not storage.exists(SPEC)
+        finished = set(prepare_output(storage, spec))
+        tars = spec.tars()
+        log.info("%s: %d samples of %s in %d tars (%d already there), %s %d steps (%s), seed %d, %s, %s; %d "
+                 "actor(s)", storage.uri, spec.num, spec.model, len(tars), len(finished), spec.sampler, spec.steps,
+                 spec.spacing, spec.seed, "clip" if spec.clip else "no clip", "bf16" if spec.bf16 else "fp32",
+                 args.actors)
+        rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
+        actor = {"model": spec.model, "tracking_uri": tracking_uri, "spec": spec.__dict__, "out": storage.uri,
+                 "features": args.features, "weights": args.inception_weights, "batch_size": args.batch_size,
+                 "threads": max(1, int(args.cpus_per_actor))}
+        try:
+            # Bounded retries (Ray Data's default is forever): a batch that keeps failing ends as a failed job.
+            return merge_statistics(map_rows(SampleAndScore, actor, rows, args.actors, args.address,
+                                             num_cpus=args.cpus_per_actor, gpu=args.gpu, max_restarts=ACTOR_RETRIES,
+                                             max_task_retries=ACTOR_RETRIES), spec.num, "samples")
+        except UserError:
+            if fresh and not storage.list("samples/"):
+                storage.delete(SPEC)  # refused before any sample (e.g. no weights on a node): leave nothing
+            raise
 
 
 def log_results(client, model, result: EvaluationResult, storage: Storage) -> None:

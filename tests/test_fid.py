@@ -123,9 +123,9 @@ def test_random_init_is_deterministic_and_leaves_the_global_rng_alone():
 def test_missing_or_wrong_weights_get_one_clear_error(tmp_path, monkeypatch):
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.setenv(DOWNLOAD_ENV, "0")
-    monkeypatch.setattr("ddpm_core.inception.CACHE_DIR", tmp_path / "cache")
-    with pytest.raises(InceptionWeightsError, match=r"no Inception weights for FID: looked at .*cache.*Put the FID.*"
-                                                    r"downloading is off \(DDPM_INCEPTION_DOWNLOAD=0\)"):
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
+    with pytest.raises(InceptionWeightsError, match=r"no Inception weights for FID: looked at .*inception.*Put the "
+                                                    r"FID.*downloading is off \(DDPM_INCEPTION_DOWNLOAD=0\)"):
         find_weights()
     fake = tmp_path / "inception.pth"
     torch.save(FIDInception.random_init(0).state_dict(), fake)
@@ -153,7 +153,7 @@ def weights_server(tmp_path, monkeypatch):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
     monkeypatch.delenv(DOWNLOAD_ENV, raising=False)
-    monkeypatch.setattr("ddpm_core.inception.CACHE_DIR", tmp_path / "cache")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path))
     monkeypatch.setenv(URL_ENV, f"http://127.0.0.1:{server.server_port}/fid_weights/pt_inception.pth")
     yield os.environ[URL_ENV], body, requested
     server.shutdown()
@@ -165,7 +165,7 @@ def test_weights_are_fetched_on_first_use_verified_and_then_read_from_the_cache(
     url, body, requested = weights_server
     monkeypatch.setenv(TRUSTED_ENV, hashlib.sha256(body).hexdigest())  # the served file stands in for the real one
     found = find_weights()
-    assert found == tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth" and found.read_bytes() == body
+    assert found == tmp_path / "inception" / "pt_inception-2015-12-05-6726825d.pth" and found.read_bytes() == body
     assert find_weights() == found and requested == ["/fid_weights/pt_inception.pth"]  # once only
 
 
@@ -175,7 +175,7 @@ def test_a_download_with_the_wrong_sha256_is_deleted_and_refused(weights_server,
                                                     rf"{hashlib.sha256(body).hexdigest()}, which is not the FID "
                                                     r"network .*deleted it, refusing to use it"):
         find_weights()
-    assert requested and list((tmp_path / "cache").iterdir()) == []
+    assert requested and list((tmp_path / "inception").iterdir()) == []
 
 
 def test_opting_out_downloads_nothing_and_fetch_weights_preseeds_the_cache(weights_server, tmp_path, monkeypatch,
@@ -190,7 +190,7 @@ def test_opting_out_downloads_nothing_and_fetch_weights_preseeds_the_cache(weigh
     monkeypatch.setenv(TRUSTED_ENV, hashlib.sha256(body).hexdigest())
     monkeypatch.delenv(URL_ENV)
     assert ddpm(["fetch-weights", "--url", url]) == 0
-    cached = tmp_path / "cache" / "pt_inception-2015-12-05-6726825d.pth"
+    cached = tmp_path / "inception" / "pt_inception-2015-12-05-6726825d.pth"
     assert cached.read_bytes() == body and str(cached) in capsys.readouterr().out
     assert find_weights() == cached and len(requested) == 1
 

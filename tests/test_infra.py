@@ -249,6 +249,25 @@ def test_raycluster_autoscales_gpu_groups_with_token_auth():
     assert sorted(gpus.values()) == [1, 8]
 
 
+def test_every_ray_pod_has_the_inception_weights_where_the_config_says():
+    """Job drivers run on the head and actors on the workers: each scoring process opens the file on its own pod."""
+    (config,) = [doc for doc in of_kind("ConfigMap") if doc["metadata"]["name"] == "ddpm-env"]
+    weights = Path(config["data"]["DDPM_INCEPTION_WEIGHTS"])
+    spec = the("RayCluster")["spec"]
+    pods = {"head": spec["headGroupSpec"]["template"]["spec"]}
+    pods.update({group["groupName"]: group["template"]["spec"] for group in spec["workerGroupSpecs"]})
+    assert set(pods) == {"head", "gpu-train", "gpu-sample"}
+    for name, pod in pods.items():
+        (fetch,) = [c for c in pod["initContainers"] if c["name"] == "fetch-inception"]
+        assert fetch["command"][-1] == str(weights), name
+        volume = next(v for v in pod["volumes"] if v["name"] == "inception")
+        assert volume == {"name": "inception", "emptyDir": {}}, name
+        (ray_container,) = pod["containers"]
+        mounts = {m["name"]: m["mountPath"] for m in ray_container["volumeMounts"]}
+        assert mounts["inception"] == str(weights.parent), name
+        assert {m["name"]: m["mountPath"] for m in fetch["volumeMounts"]}["inception"] == str(weights.parent), name
+
+
 def test_jobs_target_the_raycluster_with_the_token():
     name = the("RayCluster")["metadata"]["name"]
     job = the("RayJob")

@@ -169,13 +169,15 @@ def test_bad_inputs_get_one_clear_error(tmp_path, registered, ray_local, caplog,
     fails(["--model", str(tmp_path), *base], "is incomplete: missing model.safetensors")
     fails(["--model", registered["checkpoint"], "--num", "16", *common(registered, out)],
           "N=16 is smaller than the feature dimension 2048")
+    # The weights are resolved where features are computed: here, with --actors 0 (on Ray: the next test).
     monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
-    monkeypatch.setattr("ddpm_core.inception.CACHE_DIR", tmp_path / "empty-cache")
-    fails(["--model", registered["checkpoint"], *base], "no Inception weights for FID")
+    monkeypatch.setenv("DDPM_CACHE", str(tmp_path / "empty-cache"))
+    monkeypatch.setenv("DDPM_INCEPTION_DOWNLOAD", "0")
+    fails(["--model", registered["checkpoint"], *base, "--actors", "0"], "no Inception weights for FID")
     fake = tmp_path / "inception.pth"
     fake.write_bytes(b"not the weights")
     fails(["--model", registered["checkpoint"], "--inception-weights", str(fake), *base],
-          "which is not the FID network")
+          "which is not the FID network")  # on a Ray actor: its UserError comes back as one line
     (tmp_path / "bad.npz").write_bytes(save_reference(np.zeros(64), np.eye(64)))
     fails(["--model", registered["checkpoint"], "--features", "random-init", "--ref", str(tmp_path / "bad.npz"),
            *base], "has mu (64,) and sigma (64, 64); expected (2048,) and (2048, 2048)")
@@ -246,3 +248,68 @@ def test_a_registered_file_changed_after_registration_is_refused(tmp_path, regis
     finally:
         weights.write_bytes(original)
     assert not (tmp_path / "samples" / "samples").exists()  # refused before anything was sampled
+
+
+def test_each_scoring_node_resolves_the_inception_weights_itself(tmp_path, registered, monkeypatch):
+    """As on a cluster: the job's driver has no weights and may not download; the nodes' actors have the file
+    in their own cache (the init container's job) and score with it."""
+    import hashlib
+    import os
+    import subprocess
+    import sys
+
+    import torch
+
+    from ddpm_core.inception import FILE_NAMES, TRUSTED_ENV, FIDInception
+    from pipelines.ray_runtime import LocalHead
+
+    node_cache = tmp_path / "node-cache"
+    (node_cache / "inception").mkdir(parents=True)
+    weights = node_cache / "inception" / FILE_NAMES[0]
+    torch.save(FIDInception.random_init(5).state_dict(), weights)
+    digest = hashlib.sha256(weights.read_bytes()).hexdigest()
+    monkeypatch.setenv(TRUSTED_ENV, digest)  # vouched for, as an operator's own conversion would be
+    monkeypatch.delenv("DDPM_INCEPTION_WEIGHTS", raising=False)
+    monkeypatch.setenv("DDPM_CACHE", str(node_cache))
+    head = LocalHead(num_cpus=2, state_dir=tmp_path / "head")  # its raylet and actors get this environment
+    try:
+        driver_home = tmp_path / "driver-home"
+        driver_home.mkdir()
+        driver_env = {**os.environ, "HOME": str(driver_home), "DDPM_CACHE": str(driver_home / "cache"),
+                      "DDPM_INCEPTION_DOWNLOAD": "0"}
+
+        def sample(*extra):
+            return subprocess.run(
+                [sys.executable, "-m", "pipelines.sample_fid", "--model", registered["checkpoint"], "--num", "16",
+                 "--allow-small-n", "--features", "inception", "--address", head.address,
+                 *common(registered, tmp_path / "out"), *extra], env=driver_env, capture_output=True, text=True)
+
+        done = sample()
+        assert done.returncode == 0, done.stderr[-3000:]
+        record = json.loads((tmp_path / "out" / "fid.json").read_text())
+        assert record["inception_weights_sha256"] == digest and record["num"] == 16
+        assert np.isfinite(record["inception_score"])
+        assert not (driver_home / "cache").exists()  # the driver looked for nothing
+        # A path that no node has: the actor's error comes back as the job's one line, exit 2.
+        missing = sample("--inception-weights", "/nowhere/inception.pth")
+        assert missing.returncode == 2
+        errors = [line for line in missing.stderr.splitlines() if " ERROR " in line]
+        assert len(errors) == 1 and "no Inception weights for FID: looked at /nowhere/inception.pth" in errors[0]
+        assert "Traceback" not in missing.stderr
+    finally:
+        head.stop()
+
+
+def test_a_second_sampling_job_on_one_output_is_refused_and_the_first_keeps_its_lock(tmp_path, registered, caplog):
+    out = tmp_path / "out"
+    (out / "_progress").mkdir(parents=True)
+    holder = {"host": "another-host", "pid": 1, "token": "t", "since": "2026-12-05T00:00:00Z"}
+    (out / "_progress" / "lock.json").write_text(json.dumps(holder))
+    args = ["--model", registered["checkpoint"], "--num", "8", "--actors", "0", "--features", "none",
+            *common(registered, out)]
+    expect_one_error(caplog, sample_main, args, f"output {out} is being written by another sampling job "
+                                                "(pid 1 on another-host, since 2026-12-05T00:00:00Z)")
+    assert sorted(p.relative_to(out).as_posix() for p in out.rglob("*")) == ["_progress", "_progress/lock.json"]
+    (out / "_progress" / "lock.json").unlink()  # as the message says, once no such job runs
+    assert sample_main(args) == 0
+    assert sorted(tar_pngs(out)) == list(range(8)) and not (out / "_progress" / "lock.json").exists()
