@@ -84,12 +84,14 @@ class OutageProxy:
 
     It goes down at the first metrics request whose newest step is `down_at` and up again at the first
     whose newest step is `up_at`: the outage spans steps, not seconds, so the test does not race training.
-    Without them, a test sets `down` itself.
+    With `down_on`, it goes down for good at the first request whose path starts with it. Without them, a test
+    sets `down` itself.
     """
 
-    def __init__(self, upstream: str, down_at: int | None = None, up_at: int | None = None):
+    def __init__(self, upstream: str, down_at: int | None = None, up_at: int | None = None,
+                 down_on: str | None = None):
         self.upstream = upstream.split("://", 1)[1]
-        self.down_at, self.up_at = down_at, up_at
+        self.down_at, self.up_at, self.down_on = down_at, up_at, down_on
         self.down = False
         self.dropped: list[str] = []  # "METHOD path" of each request dropped
         proxy = self
@@ -103,6 +105,8 @@ class OutageProxy:
                         proxy.down = False
                     elif steps and max(steps) >= proxy.down_at:
                         proxy.down = True
+                if proxy.down_on is not None and self.path.startswith(proxy.down_on):
+                    proxy.down = True
                 if proxy.down:
                     proxy.dropped.append(f"{self.command} {self.path.split('?')[0]}")
                     self.close_connection = True  # as a crashed server: the connection ends, no reply

@@ -313,3 +313,27 @@ def test_a_second_sampling_job_on_one_output_is_refused_and_the_first_keeps_its_
     (out / "_progress" / "lock.json").unlink()  # as the message says, once no such job runs
     assert sample_main(args) == 0
     assert sorted(tar_pngs(out)) == list(range(8)) and not (out / "_progress" / "lock.json").exists()
+
+
+def test_an_mlflow_outage_after_the_scores_are_written_does_not_fail_the_batch(tmp_path, registered, monkeypatch,
+                                                                             caplog):
+    """fid.json is the batch's result (the scheduler reads it); the MLflow run only mirrors it."""
+    from tests.mlflow_servers import MlflowServer, OutageProxy
+
+    server = MlflowServer(tmp_path)
+    server.start()
+    proxy = OutageProxy(server.uri, down_on="/api/2.0/mlflow/runs/create")  # down once the scores are logged
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    caplog.set_level(logging.WARNING, logger="ddpm.sample")
+    try:
+        out = tmp_path / "out"
+        assert sample_main(["--model", registered["checkpoint"], "--num", "16", "--actors", "0", "--allow-small-n",
+                            "--features", "random-init", *common(registered, out), "--tracking-uri", proxy.uri]) == 0
+        record = json.loads((out / "fid.json").read_text())
+        assert record["num"] == 16 and np.isfinite(record["pseudo_inception_score"])
+        assert proxy.dropped and proxy.dropped[0] == "POST /api/2.0/mlflow/runs/create"
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert any(f"the scores are in {out}/fid.json; mirroring them to MLflow failed" in w for w in warnings)
+    finally:
+        proxy.close()
+        server.stop()
