@@ -9,6 +9,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import typing
 from dataclasses import dataclass, field
 from typing import Any
@@ -18,6 +19,10 @@ from .errors import UserError
 VARIANCE_TYPES = ("fixedlarge", "fixedsmall")
 BETA_SCHEDULES = ("linear",)
 GROUPNORM_GROUPS = 32
+# Sizes past any DDPM (the paper's largest model has 256M parameters): a stored config asking for more is
+# refused before anything is allocated for it.
+MAX_RESOLUTION, MAX_LEVELS, MAX_PARAMETERS, MAX_TIMESTEPS = 4096, 12, 2_000_000_000, 100_000
+PRESET_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,99}")  # also a valid MLflow registered-model name
 
 
 class ConfigError(UserError):
@@ -43,10 +48,17 @@ class ModelConfig:
     init: str = "paper"
 
     def __post_init__(self) -> None:
-        if self.resolution <= 0:
-            raise ConfigError(f"model.resolution must be positive, got {self.resolution}")
-        if not self.ch_mult or any(m <= 0 for m in self.ch_mult):
-            raise ConfigError(f"model.ch_mult must be positive integers, got {self.ch_mult}")
+        if not 0 < self.resolution <= MAX_RESOLUTION:
+            raise ConfigError(f"model.resolution must be in 1..{MAX_RESOLUTION}, got {self.resolution}")
+        if not 0 < len(self.ch_mult) <= MAX_LEVELS or any(m <= 0 for m in self.ch_mult):
+            raise ConfigError(f"model.ch_mult must be 1 to {MAX_LEVELS} positive integers, got {self.ch_mult}")
+        for name in ("ch", "num_res_blocks", "out_channels"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.approx_parameters() > MAX_PARAMETERS:
+            raise ConfigError(f"model.ch={self.ch}, ch_mult={self.ch_mult}, num_res_blocks={self.num_res_blocks} make "
+                              f"a U-Net of about {self.approx_parameters():.3g} parameters, over the limit of "
+                              f"{MAX_PARAMETERS:.0e}")
         for mult in (1, *self.ch_mult):
             if (self.ch * mult) % GROUPNORM_GROUPS:
                 raise ConfigError(
@@ -65,8 +77,6 @@ class ModelConfig:
             raise ConfigError(
                 f"model.attn_resolutions {unreachable} are not U-Net levels; levels are {sorted(levels)}"
             )
-        if self.num_res_blocks < 1:
-            raise ConfigError(f"model.num_res_blocks must be >= 1, got {self.num_res_blocks}")
         if self.init not in ("paper", "pytorch"):
             raise ConfigError(f"model.init must be 'paper' or 'pytorch', got {self.init!r}")
         if self.in_channels not in (1, 3):
@@ -74,6 +84,10 @@ class ModelConfig:
                               f"got {self.in_channels}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"model.dropout must be in [0, 1), got {self.dropout}")
+
+    def approx_parameters(self) -> int:
+        """About the U-Net's parameter count (its 3×3 convolutions; 20-35 % under for the presets), not building it."""
+        return sum(45 * (self.num_res_blocks + 1) * (self.ch * m) ** 2 for m in self.ch_mult)
 
 
 @dataclass(frozen=True)
@@ -90,8 +104,8 @@ class DiffusionConfig:
     clip_denoised: bool = True
 
     def __post_init__(self) -> None:
-        if self.timesteps < 1:
-            raise ConfigError(f"diffusion.timesteps must be >= 1, got {self.timesteps}")
+        if not 1 <= self.timesteps <= MAX_TIMESTEPS:
+            raise ConfigError(f"diffusion.timesteps must be in 1..{MAX_TIMESTEPS}, got {self.timesteps}")
         if self.beta_schedule not in BETA_SCHEDULES:
             raise ConfigError(
                 f"diffusion.beta_schedule {self.beta_schedule!r} is unknown; choose one of {BETA_SCHEDULES}"
@@ -167,6 +181,11 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     notes: str = ""
 
+    def __post_init__(self) -> None:
+        if not PRESET_NAME.fullmatch(self.preset):
+            raise ConfigError(f"preset {_shown(self.preset)} is not a name: up to 100 letters, digits, '_', '.' "
+                              "or '-', starting with a letter or digit")
+
     def to_dict(self) -> dict[str, Any]:
         return dataclasses.asdict(self)
 
@@ -175,13 +194,11 @@ class Config:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> Config:
-        unknown = set(data) - {f.name for f in dataclasses.fields(cls)}
-        if unknown:
-            raise ConfigError(f"unknown config sections {sorted(unknown)}")
-        kwargs: dict[str, Any] = {k: v for k, v in data.items() if k not in SECTIONS}
+        """A stored config (JSON), every value checked for its type and range before anything is built."""
+        kwargs = _fields_from_dict(cls, "config", data)
         for name, section_cls in SECTIONS.items():
-            if name in data:
-                kwargs[name] = _section_from_dict(section_cls, name, data[name])
+            if name in kwargs:
+                kwargs[name] = section_cls(**_fields_from_dict(section_cls, name, kwargs[name]))
         return cls(**kwargs)
 
     def flat(self) -> dict[str, Any]:
@@ -226,13 +243,45 @@ class Config:
         return config
 
 
-def _section_from_dict(section_cls: type, name: str, data: dict[str, Any]) -> Any:
-    hints = typing.get_type_hints(section_cls)
-    unknown = set(data) - set(hints)
+def _fields_from_dict(cls: type, name: str, data: Any) -> dict[str, Any]:
+    """The keyword arguments of `cls` from a JSON object, each of its field's type (a section stays a dict)."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{name} must be an object, got {_shown(data)}")
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = set(data) - set(fields)
     if unknown:
-        raise ConfigError(f"unknown {name} fields {sorted(unknown)}")
-    # JSON turns tuples into lists; restore them so configs compare equal after a round trip.
-    return section_cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in data.items()})
+        raise ConfigError(f"unknown {name} {'sections' if cls is Config else 'fields'} {sorted(unknown)}")
+    required = [k for k, f in fields.items() if k not in data and f.default is f.default_factory is dataclasses.MISSING]
+    if required:
+        raise ConfigError(f"{name} lacks {required}")
+    hints = typing.get_type_hints(cls)
+    return {k: v if k in SECTIONS else typed_value(v, hints[k], f"{name}.{k}") for k, v in data.items()}
+
+
+def typed_value(value: Any, hint: Any, where: str) -> Any:
+    """A JSON value as a field of type `hint` (lists become tuples, integers stand for floats); ConfigError,
+    naming `where`, if it is not one: a string "128" or a bool is not an int."""
+    def fits(v: Any, kind: type) -> bool:
+        return isinstance(v, (int, float) if kind is float else kind) and (kind is bool or not isinstance(v, bool))
+
+    if typing.get_origin(hint) is tuple:
+        kind, *rest = typing.get_args(hint)
+        if isinstance(value, (list, tuple)) and all(fits(v, kind) for v in value) and (
+                rest == [Ellipsis] or len(value) == len(rest) + 1):
+            return tuple(float(v) if kind is float else v for v in value)
+        count = "" if rest == [Ellipsis] else f"{len(rest) + 1} "
+        wanted = f"a list of {count}{ {float: 'numbers', int: 'integers', str: 'strings'}[kind]}"
+    elif fits(value, hint):
+        return float(value) if hint is float else value
+    else:
+        wanted = {bool: "true or false", int: "an integer", float: "a number", str: "a string"}[hint]
+    raise ConfigError(f"{where} must be {wanted}, got {_shown(value)}")
+
+
+def _shown(value: Any) -> str:
+    """A value as an error line quotes it: its repr, cut at 60 characters."""
+    text = repr(value)
+    return text if len(text) <= 60 else f"{text[:57]}..."
 
 
 def _parse_value(raw: str, hint: Any, item: str) -> Any:

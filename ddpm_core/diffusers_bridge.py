@@ -9,6 +9,12 @@ diffusers' `_fix_state_dict_keys_on_load` does) and weights only in `diffusion_p
 (read with `torch.load(weights_only=True)`; safetensors is preferred when both exist). Export writes a
 folder that `DDPMPipeline.from_pretrained` loads. This module does not need diffusers installed;
 `download_hub` needs huggingface_hub.
+
+A folder's scheduler_config.json is read field by field: the forward process and the sampler's clipping
+become the imported Config's diffusion (num_train_timesteps, beta_start, beta_end, clip_sample, and
+variance_type where no --preset decides it); a field the paper's diffusion cannot represent (another beta
+schedule, v- or x0-prediction, dynamic thresholding, ...) or one this module does not know is refused,
+naming it. Malformed files are one BridgeError line naming the file, never a traceback.
 """
 
 from __future__ import annotations
@@ -21,9 +27,10 @@ from dataclasses import replace
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import save_file
 
-from .config import Config, ConfigError, ModelConfig
+from .checkpoint import load_tensors, read_json_object
+from .config import Config, ConfigError, ModelConfig, typed_value
 from .errors import UserError
 from .presets import PRESETS, get_preset
 from .unet import UNet
@@ -45,6 +52,21 @@ ATTENTION = {"norm": "group_norm", "q": "to_q", "k": "to_k", "v": "to_v", "proj_
 FAITHFUL = {"flip_sin_to_cos": False, "freq_shift": 1, "downsample_padding": 0, "norm_eps": 1e-6,
             "norm_num_groups": 32, "act_fn": "silu", "attention_head_dim": None, "mid_block_scale_factor": 1,
             "resnet_time_scale_shift": "default", "time_embedding_type": "positional"}
+# The UNet2DModel config fields the architecture is read from: their type, and the value of an absent one
+# (None: it must be there).
+UNET_FIELDS = {"sample_size": (int, None), "block_out_channels": (tuple[int, ...], None),
+               "down_block_types": (tuple[str, ...], None), "layers_per_block": (int, None), "dropout": (float, 0.0),
+               "in_channels": (int, 3), "out_channels": (int, 3)}
+# scheduler_config.json (DDPMScheduler's defaults for an absent field). What becomes our diffusion:
+SCHEDULER_MAPPED = {"num_train_timesteps": ("timesteps", int), "beta_start": ("beta_start", float),
+                    "beta_end": ("beta_end", float), "clip_sample": ("clip_denoised", bool)}
+SCHEDULER_VARIANCE = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall"}
+# The one value the paper's diffusion has: another is another process, parameterisation or sampling rule.
+SCHEDULER_REQUIRED = {"beta_schedule": "linear", "trained_betas": None, "prediction_type": "epsilon",
+                      "thresholding": False, "rescale_betas_zero_snr": False}
+# No part of the model: metadata, and how a sampler with fewer steps than training picks its timesteps.
+SCHEDULER_IGNORED = ("_class_name", "_diffusers_version", "_use_default_values", "timestep_spacing", "steps_offset",
+                     "set_alpha_to_one", "skip_prk_steps", "dynamic_thresholding_ratio", "sample_max_value")
 
 
 class BridgeError(UserError):
@@ -144,19 +166,51 @@ def model_config_from_diffusers(data: dict, name: str) -> ModelConfig:
     if unfaithful:
         expected = {k: FAITHFUL[k] for k in unfaithful}
         raise BridgeError(f"{name} is not a DDPM U-Net: {unfaithful} differ from {expected}")
-    channels = data["block_out_channels"]
-    ch = channels[0]
-    if any(c % ch for c in channels):
-        raise BridgeError(f"{name}: block_out_channels {channels} are not multiples of the first")
-    resolution = data["sample_size"]
-    attention = tuple(resolution // 2**i for i, kind in enumerate(data["down_block_types"]) if "Attn" in kind)
+    missing = [key for key, (_, default) in UNET_FIELDS.items() if default is None and key not in data]
+    if missing:
+        raise BridgeError(f"{name}: its config.json lacks {missing}")
     try:
-        return ModelConfig(resolution=resolution, ch=ch, ch_mult=tuple(c // ch for c in channels),
-                           num_res_blocks=data["layers_per_block"], attn_resolutions=attention,
-                           dropout=data.get("dropout", 0.0), in_channels=data.get("in_channels", 3),
-                           out_channels=data.get("out_channels", 3))
+        found = {key: typed_value(data.get(key, default), hint, f"{name}: {key}")
+                 for key, (hint, default) in UNET_FIELDS.items()}
+        channels, blocks = found["block_out_channels"], found["down_block_types"]
+        if not channels or min(channels) < 1 or any(c % channels[0] for c in channels) or len(blocks) != len(channels):
+            raise BridgeError(f"{name}: block_out_channels {list(channels)} are not positive multiples of the first, "
+                              f"one per down block ({len(blocks)})")
+        resolution = found["sample_size"]
+        attention = tuple(resolution // 2**i for i, kind in enumerate(blocks) if "Attn" in kind)
+        return ModelConfig(resolution=resolution, ch=channels[0], ch_mult=tuple(c // channels[0] for c in channels),
+                           num_res_blocks=found["layers_per_block"], attn_resolutions=attention,
+                           dropout=found["dropout"], in_channels=found["in_channels"],
+                           out_channels=found["out_channels"])
     except ConfigError as error:
         raise BridgeError(f"{name}: {error}") from None
+
+
+def scheduler_diffusion(file: Path) -> tuple[dict, str | None]:
+    """What a scheduler_config.json says of the diffusion: (DiffusionConfig fields, its variance or None);
+    BridgeError naming a field the paper's diffusion cannot represent, or one unknown here."""
+    data = read_json_object(file, error=BridgeError)
+    unknown = sorted(set(data) - {*SCHEDULER_MAPPED, *SCHEDULER_REQUIRED, *SCHEDULER_IGNORED, "variance_type",
+                                  "clip_sample_range"})
+    if unknown:
+        raise BridgeError(f"{file}: unknown fields {unknown}; refusing a scheduler this import cannot read whole")
+    for key, value in SCHEDULER_REQUIRED.items():
+        if json.dumps(data.get(key, value)) != json.dumps(value):
+            raise BridgeError(f"{file}: {key}={json.dumps(data[key])[:60]} is not the paper's diffusion, which has "
+                              f"{key}={json.dumps(value)}")
+    variance = data.get("variance_type")
+    if variance is not None and variance not in SCHEDULER_VARIANCE:
+        raise BridgeError(f"{file}: variance_type={json.dumps(variance)[:60]} is not the paper's diffusion, which has "
+                          f"{' or '.join(SCHEDULER_VARIANCE)}")
+    try:
+        fields = {ours: typed_value(data[theirs], hint, f"{file}: {theirs}")
+                  for theirs, (ours, hint) in SCHEDULER_MAPPED.items() if theirs in data}
+    except ConfigError as error:
+        raise BridgeError(str(error)) from None
+    if fields.get("clip_denoised", True) and json.dumps(data.get("clip_sample_range", 1.0)) not in ("1", "1.0"):
+        raise BridgeError(f"{file}: clip_sample_range={json.dumps(data['clip_sample_range'])[:60]} is not the "
+                          "paper's sampler, which clips to [-1, 1]")
+    return fields, SCHEDULER_VARIANCE.get(variance)
 
 
 def matching_preset(model: ModelConfig, variance: str | None, preset: str | None = None,
@@ -190,7 +244,7 @@ def matching_preset(model: ModelConfig, variance: str | None, preset: str | None
 def read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     """diffusion_pytorch_model.safetensors, else the .bin of the old releases (tensors only, nothing run)."""
     if (unet_dir / WEIGHTS).is_file():
-        return load_file(str(unet_dir / WEIGHTS))
+        return load_tensors(unet_dir / WEIGHTS, BridgeError)
     file = unet_dir / LEGACY_WEIGHTS
     try:
         state = torch.load(file, map_location="cpu", weights_only=True)
@@ -214,18 +268,26 @@ def import_folder(path: str | Path, preset: str | None = None, name: str | None 
     if not (unet_dir / "config.json").is_file() or not any((unet_dir / w).is_file() for w in (WEIGHTS, LEGACY_WEIGHTS)):
         raise BridgeError(f"{root} is not a diffusers folder: expected config.json and {WEIGHTS} or {LEGACY_WEIGHTS} "
                           "(or unet/ holding them)")
-    data = json.loads((unet_dir / "config.json").read_text())
+    data = read_json_object(unet_dir / "config.json", error=BridgeError)
     model_config = model_config_from_diffusers(data, str(unet_dir))
-    variance = None
     scheduler = root / "scheduler" / "scheduler_config.json"
-    if scheduler.is_file():
-        variance = {"fixed_large": "fixedlarge", "fixed_small": "fixedsmall"}.get(
-            json.loads(scheduler.read_text()).get("variance_type"))
+    diffusion, variance = scheduler_diffusion(scheduler) if scheduler.is_file() else ({}, None)
     name = name or f"{root.resolve().name} {data.get('_name_or_path', '')}".strip()
     config = matching_preset(model_config, variance, preset, name)
+    try:
+        config = replace(config, diffusion=replace(config.diffusion, **diffusion))
+    except ConfigError as error:
+        raise BridgeError(f"{scheduler}: {error}") from None
+    differ = {k: v for k, v in diffusion.items() if getattr(get_preset(config.preset).diffusion, k) != v}
+    if differ:
+        log.warning("%s: imported with its scheduler's %s, not preset %s's", name, differ, config.preset)
     model = UNet(config.model)
     state = modern_attention_names(read_weights(unet_dir), str(unet_dir))
-    model.load_state_dict(from_diffusers(state, config.model))
+    try:
+        model.load_state_dict(from_diffusers(state, config.model))
+    except RuntimeError as error:
+        raise BridgeError(f"{unet_dir}: its weights do not fit its config.json: "
+                          f"{str(error).strip().splitlines()[-1].strip()}") from None
     return model.eval(), config
 
 

@@ -12,12 +12,13 @@ from __future__ import annotations
 import io
 import logging
 import time
+import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
 
 import numpy as np
 
-from .errors import UserError
+from .errors import UserError, first_line
 
 FEATURE_DIM = 2048
 log = logging.getLogger(__name__)
@@ -123,13 +124,15 @@ def save_reference(mu: np.ndarray, sigma: np.ndarray, **provenance) -> bytes:
 
 def load_reference(data: bytes, name: str, dim: int = FEATURE_DIM) -> tuple[np.ndarray, np.ndarray]:
     """`mu` and `sigma` of a reference .npz (ours, pytorch-fid's, clean-fid's or ADM's); never unpickles."""
+    if not data.startswith(b"PK"):  # an .npz is a zip; np.load would otherwise talk of pickles
+        raise StatsError(f"reference file {name} is not an .npz (a zip of arrays); it starts with {data[:8]!r}")
     try:
         with np.load(io.BytesIO(data), allow_pickle=False) as npz:
             mu, sigma = npz["mu"], npz["sigma"]
     except KeyError:
         raise StatsError(f"reference file {name} has no 'mu' and 'sigma' arrays") from None
-    except (ValueError, OSError) as error:
-        raise StatsError(f"reference file {name} is not a readable .npz: {error}") from None
+    except (ValueError, OSError, EOFError, zipfile.BadZipFile) as error:
+        raise StatsError(f"reference file {name} is not a readable .npz: {first_line(error)}") from None
     if mu.shape != (dim,) or sigma.shape != (dim, dim):
         raise StatsError(f"reference file {name} has mu {mu.shape} and sigma {sigma.shape}; expected ({dim},) and "
                          f"({dim}, {dim})")

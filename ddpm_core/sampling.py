@@ -138,6 +138,9 @@ def prepare_output(storage: Storage, spec: SampleSpec) -> list[int]:
                                "choose another --out")
     elif storage.list("samples/"):
         raise SamplesError(f"output {storage.uri} already holds sample tars without a {SPEC}; choose another --out")
+    elif foreign := [name for name in storage.list() if not name.startswith("_progress/")]:
+        raise SamplesError(f"output {storage.uri} already holds other files ({foreign[0]}, {len(foreign)} in all) "
+                           "and no samples; choose an empty or new --out")
     else:
         storage.write_bytes(SPEC, json.dumps(wanted, sort_keys=True).encode())
     finished = []

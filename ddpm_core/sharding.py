@@ -152,7 +152,7 @@ class ShardJob:
     def __init__(self, source: Source, preprocess: Preprocess, storage: Storage, split: str = "train",
                  per_shard: int = 1000, limit: int | None = None):
         if per_shard < 1:
-            raise DatasetError(f"samples per shard must be >= 1, got {per_shard}")
+            raise DatasetError(f"samples per shard (--per-shard) must be >= 1, got {per_shard}")
         if limit is not None and limit < 1:
             raise DatasetError(f"--limit must be >= 1, got {limit}")
         if not split.isidentifier():

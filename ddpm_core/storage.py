@@ -280,8 +280,9 @@ class S3Storage(Storage):
 
         try:
             return s3_client().head_object(Bucket=self.bucket, Key=self._key(name))
-        except ClientError as error:
-            if error.response.get("Error", {}).get("Code") in ("404", "NoSuchKey", "NotFound"):
+        except Exception as error:  # noqa: BLE001 - no credentials, no endpoint: one line naming the object
+            if isinstance(error, ClientError) and error.response.get("Error", {}).get("Code") in (
+                    "404", "NoSuchKey", "NotFound"):
                 return None
             raise StorageError(describe_s3_error(error, self.url(name))) from None
 

@@ -14,7 +14,7 @@ import logging
 import math
 import time
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Protocol
 
 import numpy as np
@@ -200,8 +200,8 @@ class TrainingLoop:
             result = train_step(self.ddp_model, self.diffusion, self.optimizer, self.ema, x0, step, train,
                                 autocast_dtype=self.autocast_dtype)
             step += 1
-            state = TrainingState(step, config_dict, epoch, index + 1, train.seed,
-                                  state.nonfinite_steps + (not result.applied))
+            state = replace(state, step=step, config=config_dict, epoch=epoch, batch_in_epoch=index + 1,
+                            seed=train.seed, nonfinite_steps=state.nonfinite_steps + (not result.applied))
             stream.position = (step, epoch, index + 1)
             if result.applied:
                 stream.consecutive_nonfinite = 0

@@ -1,15 +1,21 @@
 """Five-field cron expressions (minute hour day-of-month month day-of-week), evaluated in UTC.
 
 Supports `*`, numbers, ranges `a-b`, steps `*/n` and `a-b/n`, and lists `a,b`; day-of-week 0 or 7 is
-Sunday. As in Vixie cron, when both day fields are restricted a day matches if either does.
+Sunday. As in Vixie cron, when both day fields are restricted a day matches if either does. `Cron.serve`
+runs a tick at every match (the scheduler's --cron).
 """
 
 from __future__ import annotations
 
+import logging
+import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from datetime import datetime, timedelta
+from datetime import datetime, timedelta, timezone
 
 from ddpm_core.errors import UserError
+
+log = logging.getLogger("ddpm.schedule")
 
 FIELDS = (("minute", 0, 59), ("hour", 0, 23), ("day of month", 1, 31), ("month", 1, 12), ("day of week", 0, 7))
 
@@ -76,3 +82,18 @@ class Cron:
                 return candidate
             candidate += timedelta(minutes=1)
         raise CronError("cron expression never matches (e.g. February 31)")
+
+    def serve(self, tick: Callable[[], None], ticks: int | None = None, sleep=time.sleep) -> None:
+        """`tick()` at every match, forever (or `ticks` times). A tick that fails with a UserError (an outage
+        that outlasted the retries) is logged and the next one starts over: its state is elsewhere."""
+        done = 0
+        while ticks is None or done < ticks:
+            now = datetime.now(timezone.utc)
+            next_tick = self.next_after(now)
+            log.info("next tick at %s UTC", next_tick.strftime("%Y-%m-%d %H:%M"))
+            sleep((next_tick - now).total_seconds())
+            try:
+                tick()
+            except UserError as error:
+                log.error("this tick failed, the next one retries: %s", error)
+            done += 1

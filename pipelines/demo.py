@@ -179,7 +179,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
          "--actors", "0"]), "baseline"))
     stages.run("schedule", "one scheduler tick: it submits the sampling batch of the new version to the Ray "
                            "job API, scores it and decides promotion", lambda: check(ddpm(
-        ["schedule", "--model-name", MODEL, "--once", "--out-root", str(root / "evaluations"),
+        ["schedule", "--model-name", MODEL, "--once", "--owns-champion", "--out-root", str(root / "evaluations"),
          "--address", head.job_api, "--poll", "2", "--actors", "2", *scoring]), "schedule"))
 
     summarise(args, size, root, data, tracking, untrained, label, stages)

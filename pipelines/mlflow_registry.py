@@ -134,10 +134,34 @@ def code_version() -> str:
 
 def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: dict) -> str:
     """Log the EMA model of a checkpoint or model folder in the run, register it as ddpm-<preset> with its
-    files' sha256, alias `candidate`.
+    files' sha256, alias `candidate`. Again for the same run and files (a re-run), the version it registered.
 
     It is logged as a pyfunc (for users of `mlflow.pyfunc`); our jobs read only its data (`load_model`).
     """
+    name = registered_name(config.preset)
+    with tempfile.TemporaryDirectory(prefix="ddpm-model-") as scratch:
+        model_dir = copy_model_folder(checkpoint_dir, Path(scratch) / "model", config)  # the registered data
+        recorded = {tag: sha256_file(model_dir / file) for file, tag in RECORDED_SHA256.items()}
+        version = registered_version(client, name, run_id, recorded)
+        if version is None:
+            info = _log_model(run_id, model_dir, config)
+            version = mlflow.register_model(info.model_uri, name,
+                                            tags={**{k: str(v) for k, v in tags.items()}, **recorded}).version
+    client.set_registered_model_alias(name, CANDIDATE, version)
+    return version
+
+
+def registered_version(client, name: str, run_id: str, recorded: dict[str, str]) -> str | None:
+    """The version of `name` that run `run_id` registered with files of these sha256 (RECORDED_SHA256 tags), or
+    None."""
+    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+        if all(version.tags.get(tag) == digest for tag, digest in recorded.items()):
+            return version.version
+    return None
+
+
+def _log_model(run_id: str, model_dir: Path, config: Config):
+    """The model folder logged in the run as a pyfunc model (its code: pipelines/mlflow_model.py)."""
     r = config.model.resolution
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "index")]),
@@ -145,18 +169,11 @@ def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: di
         params=ParamSchema([ParamSpec("seed", "long", 0), ParamSpec("sampler", "string", "ddim"),
                             ParamSpec("steps", "long", 50), ParamSpec("eta", "double", 0.0)]),
     )
-    with tempfile.TemporaryDirectory(prefix="ddpm-model-") as scratch:
-        model_dir = copy_model_folder(checkpoint_dir, Path(scratch) / "model", config)  # the registered data
-        recorded = {tag: sha256_file(model_dir / file) for file, tag in RECORDED_SHA256.items()}
-        with mlflow.start_run(run_id=run_id):
-            info = mlflow.pyfunc.log_model(
-                name="model", python_model=mlflow_model.__file__, artifacts={"model": str(model_dir)},
-                code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature,
-                pip_requirements=["torch", "numpy", "safetensors", "pillow"])
-    name = registered_name(config.preset)
-    version = mlflow.register_model(info.model_uri, name, tags={**{k: str(v) for k, v in tags.items()}, **recorded})
-    client.set_registered_model_alias(name, CANDIDATE, version.version)
-    return version.version
+    with mlflow.start_run(run_id=run_id):
+        return mlflow.pyfunc.log_model(
+            name="model", python_model=mlflow_model.__file__, artifacts={"model": str(model_dir)},
+            code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature,
+            pip_requirements=["torch", "numpy", "safetensors", "pillow"])
 
 
 @dataclass
@@ -282,7 +299,7 @@ class EvaluationRecords:
         return sorted(found, key=lambda v: int(v.version))
 
     def champion_spec(self) -> str | None:
-        """The spec whose scheduler moves `champion` (the first one that promoted), or None."""
+        """The spec whose scheduler moves `champion` (claimed with --owns-champion or --take-over-champion), or None."""
         return self.retry(f"reading the registered model {self.name}", self._registered_model,
                           permanent=lambda error: isinstance(error, RegistryError)).tags.get(CHAMPION_SPEC)
 
@@ -330,11 +347,13 @@ class EvaluationRecords:
         self.retry(f"setting tag {key} of {self.name} v{version}",
                    lambda: self.client.set_model_version_tag(self.name, str(version), key, value), holds_value)
 
-    def move_champion(self, version: int, claim: bool) -> None:
-        """`champion` to `version`; with `claim`, this spec is recorded as the one that moves it, first."""
-        if claim:
-            self.retry(f"recording the champion spec of {self.name}",
-                       lambda: self.client.set_registered_model_tag(self.name, CHAMPION_SPEC, self.digest))
+    def claim_champion(self) -> None:
+        """Record this spec as the one whose scheduler moves `champion` (the scheduler checks who may)."""
+        self.retry(f"recording the champion spec of {self.name}",
+                   lambda: self.client.set_registered_model_tag(self.name, CHAMPION_SPEC, self.digest))
+
+    def move_champion(self, version: int) -> None:
+        """`champion` to `version`."""
         self.retry(f"moving {CHAMPION} of {self.name} to v{version}",
                    lambda: self.client.set_registered_model_alias(self.name, CHAMPION, str(version)),
                    lambda: self.alias_holder(CHAMPION) == version)

@@ -235,6 +235,10 @@ class TrainingRun:
         """A resumed run is running again (once the resume was found valid: a refused one stays as it was)."""
         self.client.update_run(self.run_id, status="RUNNING")
 
+    def discard(self) -> None:
+        """Delete a run this command created and then refused (it never trained)."""
+        self.client.delete_run(self.run_id)
+
     def record_checkpoints(self, location: str) -> None:
         self.client.set_tag(self.run_id, "checkpoint_location", location)
 

@@ -11,8 +11,8 @@ import math
 import os
 import shlex
 import time
-from collections.abc import Iterator
-from dataclasses import dataclass
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
 
 from ray.job_submission import JobSubmissionClient
 
@@ -41,6 +41,7 @@ class RayJob:
     ended: bool
     message: str = ""
     start_time: float | None = None  # seconds since the epoch
+    metadata: Mapping[str, str] = field(default_factory=dict)  # as submitted: what the job is for (the scheduler's)
 
     def running_longer_than(self, seconds: float) -> bool:
         return bool(self.start_time) and time.time() - self.start_time > seconds
@@ -82,7 +83,8 @@ class JobQueue:
         """Every job the cluster knows that has a submission id, by that id."""
         found = self.retry("listing the jobs of the Ray cluster", self.client.list_jobs)
         return {job.submission_id: RayJob(job.submission_id, str(job.status), job.status.is_terminal(),
-                                          job.message or "", job.start_time / 1000 if job.start_time else None)
+                                          job.message or "", job.start_time / 1000 if job.start_time else None,
+                                          dict(job.metadata or {}))
                 for job in found if job.submission_id}
 
     def failure_reason(self, job: RayJob) -> str:

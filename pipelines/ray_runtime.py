@@ -7,10 +7,12 @@ import atexit
 import contextlib
 import logging
 import os
+import re
 import secrets
 import shutil
 import signal
 import socket
+import stat
 import subprocess
 import sys
 import tempfile
@@ -53,18 +55,32 @@ def use_local_token(state_dir: Path) -> Path | None:
         return None
     state_dir.mkdir(parents=True, exist_ok=True)
     path = state_dir / "auth_token"
-    if not path.is_file() or not path.read_text().strip():
-        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    if not _own_private_token(path):
+        path.unlink(missing_ok=True)  # a link, another user's file or one others can read: never reused
+        # O_EXCL | O_NOFOLLOW: created here, by this process, not through a link planted in between.
+        descriptor = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(descriptor, "w") as token:
             token.write(secrets.token_hex(32))
     os.environ["RAY_AUTH_TOKEN_PATH"] = str(path)
     return path
 
 
+def _own_private_token(path: Path) -> bool:
+    """Whether `path` is a regular file (not a link) of this user, readable by no one else, holding a token."""
+    try:
+        found = path.lstat()
+    except FileNotFoundError:
+        return False
+    return (stat.S_ISREG(found.st_mode) and found.st_uid == os.getuid() and found.st_mode & 0o077 == 0
+            and bool(path.read_text().strip()))
+
+
 def is_auth_failure(error: BaseException) -> bool:
     """Whether Ray refused a client for a missing or wrong token."""
     text = f"{type(error).__name__} {error}".lower()
-    return any(word in text for word in ("authentication", "unauthorized", "unauthenticated", "401"))
+    # 401 as a status, not as digits of a port, a PID or a job id.
+    return (any(word in text for word in ("authentication", "unauthorized", "unauthenticated"))
+            or re.search(r"(?<![\w.:/=-])401(?![\w.:/=-])", text) is not None)
 
 
 def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
@@ -132,15 +148,19 @@ def _raise_user_errors(rows: Iterator[dict]) -> Iterator[dict]:
         yield row
 
 
+ACTOR_RETRIES = 2  # restarts of an actor, and retries of its item, before the job fails (Ray Data's: forever)
+
+
 def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, address: str | None, *,
-             num_cpus: float, gpu: bool = False, **ray_options) -> Iterator[dict]:
+             num_cpus: float, gpu: bool = False) -> Iterator[dict]:
     """The rows of `actor_class(**actor_kwargs)` called on one item at a time, from a pool of `actors` Ray Data
     actors (joined or started by `init_ray(address)`).
 
     `actors=0`: one instance in this process yields the rows Ray Data would, using this process's threads
     (`actor_kwargs["threads"]`): small jobs need no Ray. The items stay in their order either way.
     The pool never holds more actors than there are items: an idle actor would only load its models.
-    A UserError of an actor on a worker is raised here, as itself, and not retried.
+    A UserError of an actor on a worker is raised here, as itself, and not retried; other failures are retried
+    ACTOR_RETRIES times.
     """
     if actors < 0:
         raise ArgumentError(f"--actors must be >= 0, got {actors}")
@@ -154,7 +174,7 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
     guarded = type(actor_class.__name__, (_UserErrorsAsRows,), {"actor_class": actor_class})
     return _raise_user_errors(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
         guarded, batch_size=1, compute=pool, num_gpus=1 if gpu else 0, num_cpus=num_cpus,
-        fn_constructor_kwargs=actor_kwargs, **ray_options).iter_rows())
+        fn_constructor_kwargs=actor_kwargs, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES).iter_rows())
 
 
 def run_tasks(function: Callable, shared, calls: list[tuple], address: str | None, parallel: int | None,

@@ -15,7 +15,7 @@ import os
 import shutil
 import tempfile
 from collections.abc import Iterator
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 
 import pyarrow.fs
@@ -25,7 +25,7 @@ import torch
 from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig, TrainingFailedError
 from ray.train.torch import TorchConfig, TorchTrainer
 
-from ddpm_core.checkpoint import TrainingState, load_checkpoint, read_state, save_checkpoint
+from ddpm_core.checkpoint import TrainingState, checkpoint_name, load_checkpoint, read_state, save_checkpoint
 from ddpm_core.config import Config
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.errors import UserError
@@ -61,9 +61,10 @@ def train_loop_per_worker(loop: dict) -> dict:
         model = UNet(config.model)
     diffusion = GaussianDiffusion.from_config(config.diffusion)
     optimizer, ema = build_optimizer(model, config.train), build_ema(model, config.train)
-    state = TrainingState(step=0, config=config.to_dict(), seed=config.train.seed)
-    if checkpoint := ray.train.get_checkpoint():
-        state = resume_from(checkpoint, model, ema, optimizer)
+    state = TrainingState(step=0, config=config.to_dict(), seed=config.train.seed,
+                          dataset_fingerprint=loop["dataset_fingerprint"])
+    if checkpoint := ray.train.get_checkpoint():  # of this dataset: the driver checked (pipelines/train.py)
+        state = replace(resume_from(checkpoint, model, ema, optimizer), dataset_fingerprint=loop["dataset_fingerprint"])
         log.info("rank %d resumed at step %d (epoch %d, batch %d)", rank, state.step, state.epoch,
                  state.batch_in_epoch)
     ddp = ray.train.torch.prepare_model(model)  # DDP; broadcasts rank 0's weights
@@ -109,7 +110,7 @@ def _report_checkpoint(rank: int, model, ema, optimizer, state: TrainingState, r
     try:
         directory = save_checkpoint(scratch / "checkpoint", model, ema, optimizer, state)
         ray.train.report(metrics, checkpoint=ray.train.Checkpoint.from_directory(directory),
-                         checkpoint_dir_name=f"checkpoint_{state.step:09d}")
+                         checkpoint_dir_name=checkpoint_name(state.step))
     finally:
         shutil.rmtree(scratch, ignore_errors=True)
 

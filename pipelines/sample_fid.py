@@ -56,7 +56,6 @@ from pipelines.evaluation import (
 from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.sample")
-ACTOR_RETRIES = 2  # restarts of a sampling actor, and retries of its tar, before the job fails
 
 
 class SampleAndScore:
@@ -165,10 +164,8 @@ def sample(args: argparse.Namespace, spec: SampleSpec, storage: Storage,
                  "features": args.features, "weights": args.inception_weights, "batch_size": args.batch_size,
                  "threads": max(1, int(args.cpus_per_actor))}
         try:
-            # Bounded retries (Ray Data's default is forever): a batch that keeps failing ends as a failed job.
             return merge_statistics(map_rows(SampleAndScore, actor, rows, args.actors, args.address,
-                                             num_cpus=args.cpus_per_actor, gpu=args.gpu, max_restarts=ACTOR_RETRIES,
-                                             max_task_retries=ACTOR_RETRIES), spec.num, "samples")
+                                             num_cpus=args.cpus_per_actor, gpu=args.gpu), spec.num, "samples")
         except UserError:
             if fresh and not storage.list("samples/"):
                 storage.delete(SPEC)  # refused before any sample (e.g. no weights on a node): leave nothing

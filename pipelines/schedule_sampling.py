@@ -1,7 +1,7 @@
 """Scheduled sampling batches: score every new model version by FID on the Ray cluster; promote the best.
 
     ddpm schedule --model-name ddpm-lsun_bedroom256 --num 50000 --ref s3://bucket/lsun-bedroom-256/fid_stats.npz \\
-        --out-root s3://bucket/evaluations --actors 8 --gpu --cron "0 * * * *"
+        --out-root s3://bucket/evaluations --actors 8 --gpu --cron "0 * * * *" --owns-champion
 
 Each tick lists the versions of the registered model and, for every version without an evaluation
 under this evaluation spec, submits the sampling job (pipelines/sample_fid.py) through the Ray Jobs
@@ -10,9 +10,10 @@ a pseudo-FID never promotes. The decision and both scores are version tags.
 
 State lives in MLflow version tags, one namespace per spec (`ddpm.eval.<digest>.*`,
 `ddpm.promotion.<digest>.*`), and in Ray job ids, never in local files. Tags only say where a batch
-is; what counts is the evaluation's own record: promotion re-reads each fid.json, checks its sha256,
-model, spec, reference and Inception weights, and compares only results of one spec. One spec holds
-`champion` (recorded on the registered model); schedulers of other specs score and record only.
+is; what counts is the evaluation's own record: promotion re-reads each fid.json, checks its sha256, model,
+spec, reference and Inception weights, and that its batch is a SUCCEEDED Ray job this scheduler submitted for
+that version and spec (Jobs-API metadata). Only a scheduler with --owns-champion moves `champion`, and only
+while its spec owns it (--take-over-champion hands it over); others record only, and warn of a better score.
 What to do is decided by pure functions (pipelines/scheduler_decisions.py: one batch per version at a
 time, deterministic job ids); `Scheduler` reads the registry (mlflow_registry.EvaluationRecords) and
 the cluster (ray_jobs.JobQueue), and applies them.
@@ -25,12 +26,10 @@ import hashlib
 import logging
 import os
 import sys
-import time
 from dataclasses import asdict
-from datetime import datetime, timezone
 from urllib.parse import urlparse
 
-from ddpm_core.errors import ArgumentError, UserError
+from ddpm_core.errors import ArgumentError
 from ddpm_core.inception import TRUSTED_ENV, WEIGHTS_ENV
 from ddpm_core.storage import StorageError, read_uri
 from pipelines import scheduler_decisions as decisions
@@ -56,27 +55,35 @@ def _missing_file(error: Exception) -> bool:
     return isinstance(error, StorageError) and "does not exist" in str(error)
 
 
+def claim_authority(records, digest: str, owns: bool, take_over: bool = False) -> decisions.Authority:
+    """What the scheduler of spec `digest` may do with `champion` (ChampionOwnerError: refused); claims it if told."""
+    authority = decisions.champion_authority(digest, records.champion_spec(), owns, take_over, records.name)
+    if authority.claim:
+        records.claim_champion()
+        log.warning("champion of %s is now moved by the scheduler of spec %s (%s)", records.name, digest,
+                    f"--take-over-champion, from spec {authority.previous}" if authority.previous else "no owner yet")
+    return authority
+
+
 class Scheduler:
     """One registered model, one evaluation spec, one Ray cluster; `tick()` is idempotent."""
 
     def __init__(self, spec: EvalSpec, out_root: str, records, jobs, job_options: list[str], max_attempts: int = 3,
-                 aliases: tuple[str, ...] = (), working_dir: str | None = None, deadline: float = 24 * 3600):
+                 aliases: tuple[str, ...] = (), working_dir: str | None = None, deadline: float = 24 * 3600,
+                 owns: bool = False):
         self.spec, self.out_root, self.records, self.jobs = spec, out_root.rstrip("/"), records, jobs
         self.job_options, self.max_attempts, self.aliases = job_options, max_attempts, aliases
-        self.working_dir, self.deadline = working_dir, deadline
-
-    def versions(self) -> list:
-        return self.records.versions()
+        self.working_dir, self.deadline, self.owns = working_dir, deadline, owns
 
     def out_uri(self, version: int) -> str:
         return f"{self.out_root}/{self.records.name}/v{version}-{self.spec.digest}"
 
     def tick(self, wait_timeout: float = 6 * 3600, poll: float = 10.0) -> TickReport:
-        report, watching = TickReport(), {}
+        report, watching, authority = TickReport(), {}, claim_authority(self.records, self.spec.digest, self.owns)
         holders = {self.records.alias_holder(alias) for alias in self.aliases}
         # The tags first, then the cluster: every batch whose tags were read is in this listing (a scheduler
         # submits before it tags), so the attempt count never misses a batch that another one started.
-        versions, jobs = self.versions(), self.jobs.jobs()
+        versions, jobs = self.records.versions(), self.jobs.jobs()
         for version in versions:
             number, tags = int(version.version), self.records.evals(version)
             prefix = decisions.job_prefix(self.records.name, number, self.spec.digest)
@@ -92,7 +99,7 @@ class Scheduler:
                                                                f"{self.deadline:.0f} s (--deadline)", report)
             else:
                 self.finish(number, job, report)
-        self.promote(report)
+        self.promote(report, authority)
         return report
 
     def apply(self, step: decisions.Step, state: decisions.VersionState, report: TickReport,
@@ -121,8 +128,7 @@ class Scheduler:
         tracking_uri = self.records.tracking_uri
         if not urlparse(tracking_uri).password:  # credentials never go into a job's command line
             arguments += ["--tracking-uri", tracking_uri]
-        metadata = {"ddpm.model": self.records.name, "ddpm.version": str(version), "ddpm.spec": self.spec.digest,
-                    "ddpm.attempt": str(attempt)}
+        metadata = decisions.batch_metadata(self.records.name, version, self.spec.digest, attempt)
         if self.jobs.submit(job_id, ["python", "-m", "pipelines.sample_fid", *arguments],
                             {k: os.environ[k] for k in PASSED_ENV if os.environ.get(k)}, self.working_dir, metadata):
             log.info("v%d: submitted %s (attempt %d/%d)", version, job_id, attempt, self.max_attempts)
@@ -133,11 +139,11 @@ class Scheduler:
                                                  "status": SUBMITTED})
         report.note(version, SUBMITTED, job=job_id)
 
-    def read_result(self, version: int, expected_sha256: str | None = None) -> tuple[EvaluationResult, str]:
-        """(the checked fid.json of this spec's batch for `version`, its sha256); InvalidResult if it cannot count.
-
-        The location is the scheduler's own (out root, model, version, spec), never a tag's.
-        """
+    def read_result(self, version: int, job_id: str | None, jobs: dict,
+                    expected_sha256: str | None = None) -> tuple[EvaluationResult, str]:
+        """(the checked fid.json of this spec's batch `job_id` for `version`, its sha256); InvalidResult if it cannot
+        count. The batch must be a SUCCEEDED one of this scheduler's (`jobs`: the cluster's, by id); the location
+        is the scheduler's own (out root, model, version, spec), never a tag's."""
         uri = f"{self.out_uri(version)}/fid.json"
         try:
             data = retrying(f"reading {uri}", lambda: read_uri(uri), permanent=_missing_file)
@@ -147,15 +153,18 @@ class Scheduler:
         if expected_sha256 is not None and digest != expected_sha256:
             raise InvalidResult(f"{uri} changed after it was recorded (sha256 {digest[:12]}, recorded "
                                 f"{expected_sha256[:12]})")
-        result = EvaluationResult.parse(data, uri)
-        return check_result(result, self.records.uri(version), self.spec, self.records.weights_sha256(version)), digest
+        result = check_result(EvaluationResult.parse(data, uri), self.records.uri(version), self.spec,
+                              self.records.weights_sha256(version))
+        if reason := decisions.unvouched(job_id, self.records.name, version, self.spec.digest, jobs):
+            raise InvalidResult(reason)
+        return result, digest
 
     def finish(self, version: int, job, report: TickReport) -> None:
         """Record an ended batch: its result (written completely, `status` last) or why it failed."""
         if job.status != "SUCCEEDED":
             return self.record_failure(version, job.submission_id, self.jobs.failure_reason(job), report)
         try:
-            result, digest = self.read_result(version)
+            result, digest = self.read_result(version, job.submission_id, {job.submission_id: job})
         except InvalidResult as error:
             return self.record_failure(version, job.submission_id, f"succeeded but its fid.json cannot count: "
                                                                    f"{error}", report)
@@ -171,8 +180,8 @@ class Scheduler:
         report.note(version, FAILED, job=job_id, decision=decisions.failed_decision(reason))
 
     def verified_scores(self, versions: dict[int, dict[str, str]]) -> dict[int, float]:
-        """Verified FIDs of this spec, each re-read from its fid.json; one that cannot count is skipped (a warning)."""
-        scores = {}
+        """Verified FIDs of this spec, each re-read and vouched for (`read_result`); others are skipped (a warning)."""
+        scores, jobs = {}, self.jobs.jobs()
         for number, tags in versions.items():
             if tags.get("status") != SUCCEEDED:
                 continue
@@ -180,7 +189,7 @@ class Scheduler:
                 if not tags.get("result_sha256"):
                     raise InvalidResult(f"its tags say {SUCCEEDED} but no result was recorded "
                                         f"({self.records.eval_key('result_sha256')} is missing)")
-                result, _ = self.read_result(number, tags["result_sha256"])
+                result, _ = self.read_result(number, tags.get("job"), jobs, tags["result_sha256"])
             except InvalidResult as error:
                 log.warning("v%d: its evaluation under spec %s is skipped: %s", number, self.spec.digest, error)
                 continue
@@ -188,16 +197,18 @@ class Scheduler:
                 scores[number] = fid
         return scores
 
-    def promote(self, report: TickReport) -> None:
-        """Move `champion` to the best verified FID under this spec; record a decision for each new score."""
-        versions = {int(v.version): self.records.evals(v) for v in self.versions()}
+    def promote(self, report: TickReport, authority: decisions.Authority) -> None:
+        """Move `champion` to this spec's best verified FID (if it may); record a decision for each new score."""
+        versions = {int(v.version): self.records.evals(v) for v in self.records.versions()}
         holder = self.records.champion()
         new = [number for number, outcome in report.outcomes.items() if outcome.status == SUCCEEDED]
         scores, pseudo = self.verified_scores(versions), {n for n in new if "pseudo_fid" in versions.get(n, {})}
-        promotion = decisions.decide_promotion(self.spec.digest, self.records.champion_spec(), scores, holder,
-                                               versions.get(holder, {}).get("status"), new, pseudo)
+        promotion = decisions.decide_promotion(authority, scores, holder, versions.get(holder, {}).get("status"), new,
+                                               pseudo)
+        if promotion.warning:
+            log.warning("%s (spec %s)", promotion.warning, self.spec.digest)
         if promotion.champion is not None:
-            self.records.move_champion(promotion.champion, promotion.claim)
+            self.records.move_champion(promotion.champion)
             log.info("v%d is the new champion (%s)", promotion.champion, promotion.decisions[promotion.champion].text)
             report.promoted = promotion.champion
         for number, decision in promotion.decisions.items():
@@ -219,6 +230,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--deadline", type=float, default=24 * 3600,
                         help="seconds a batch may run in all; a batch still running then is stopped and failed")
     parser.add_argument("--poll", type=float, default=15.0, help="seconds between job status checks")
+    parser.add_argument("--owns-champion", action="store_true", help="this scheduler moves `champion` (refused if "
+                        "another spec owns it); else scores are recorded only. Give it to one: the CronJob's")
+    parser.add_argument("--take-over-champion", action="store_true",
+                        help="hand `champion` over to this scheduler's spec (logged), then own it as --owns-champion")
     parser.add_argument("--aliases", nargs="+", default=(),
                         help="only versions holding one of these aliases (default: every version)")
     parser.add_argument("--working-dir", help="ship this directory with each job (else the cluster's image has it)")
@@ -245,24 +260,7 @@ def build(args: argparse.Namespace) -> Scheduler:
     spec = EvalSpec.from_arguments(args, hashlib.sha256(reference).hexdigest() if reference else None)
     records = EvaluationRecords(client, args.model_name, spec.digest, tracking_uri, retry=retrying)
     return Scheduler(spec, args.out_root, records, jobs, run_options(args), args.max_attempts, tuple(args.aliases),
-                     args.working_dir, args.deadline)
-
-
-def serve(scheduler: Scheduler, cron: Cron, wait_timeout: float, poll: float, ticks: int | None = None,
-          sleep=time.sleep) -> None:
-    """A tick at every match of `cron`, forever (or `ticks` times). A tick that fails (an outage that
-    outlasted the retries) is logged and the next one starts over: state is in MLflow and Ray."""
-    done = 0
-    while ticks is None or done < ticks:
-        now = datetime.now(timezone.utc)
-        next_tick = cron.next_after(now)
-        log.info("next tick at %s UTC", next_tick.strftime("%Y-%m-%d %H:%M"))
-        sleep((next_tick - now).total_seconds())
-        try:
-            print(scheduler.tick(wait_timeout, poll).table(), flush=True)
-        except UserError as error:
-            log.error("this tick failed, the next one retries: %s", error)
-        done += 1
+                     args.working_dir, args.deadline, args.owns_champion or args.take_over_champion)
 
 
 def schedule(args: argparse.Namespace) -> int:
@@ -270,11 +268,15 @@ def schedule(args: argparse.Namespace) -> int:
     cron = Cron.parse(args.cron) if args.cron else None
     scheduler = build(args)
     log.info("evaluating %s under spec %s: %s", args.model_name, scheduler.spec.digest, asdict(scheduler.spec))
+    # Refused before any work; a take-over happens here, once, not at every tick.
+    authority = claim_authority(scheduler.records, scheduler.spec.digest, scheduler.owns, args.take_over_champion)
+    if not authority.moves:
+        log.info("scores are recorded only: %s", authority.note)
     if cron is None:
         report = scheduler.tick(args.wait_timeout, args.poll)
         print(report.table(), flush=True)
         return 1 if report.failed else 0
-    serve(scheduler, cron, args.wait_timeout, args.poll)
+    cron.serve(lambda: print(scheduler.tick(args.wait_timeout, args.poll).table(), flush=True))
     return 0
 
 

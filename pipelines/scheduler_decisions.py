@@ -3,9 +3,13 @@
 - `next_step`: what to do with one model version, given this spec's tags on it and the Ray jobs of its
   batches: skip it, watch its running batch, finish (record) an ended one, resubmit a batch the cluster
   forgot, submit the next attempt, or give up.
-- `decide_promotion`: whom `champion` goes to, given the verified FIDs of this spec, the alias holder, the
-  spec that owns the alias and whether the holder is still being evaluated; and the decision each new
-  score gets (promoted / kept / deferred / not promoted / recorded only).
+- `champion_authority`: whether this scheduler moves `champion`: only one started with --owns-champion
+  whose spec owns the alias (or that takes it over, --take-over-champion); any other records scores only.
+- `unvouched`: why a version's record does not count, or None: its tags must name a SUCCEEDED batch of
+  this scheduler's for that version and spec (job id and Jobs-API metadata, `batch_metadata`).
+- `decide_promotion`: whom `champion` goes to, given that authority, the verified FIDs of this spec, the
+  alias holder and whether the holder is still being evaluated; and the decision each new score gets
+  (promoted / kept / deferred / not promoted / recorded only, with a warning when it was the better one).
 
 The scheduler (pipelines/schedule_sampling.py) reads the registry and the cluster, calls these and applies
 what they return. Submission ids are deterministic, ddpm-eval-<model>-v<version>-<spec digest>-a<attempt>,
@@ -64,6 +68,35 @@ class Batch(Protocol):
 
     submission_id: str
     ended: bool
+    status: str  # PENDING, RUNNING, SUCCEEDED, FAILED or STOPPED
+    metadata: Mapping[str, str] | None  # as submitted through the Jobs API
+
+
+def batch_metadata(model_name: str, version: int, digest: str, attempt: int) -> dict[str, str]:
+    """The Jobs-API metadata the scheduler submits a batch with, and requires of the batch behind a record."""
+    return {"ddpm.model": model_name, "ddpm.version": str(version), "ddpm.spec": digest, "ddpm.attempt": str(attempt)}
+
+
+def unvouched(job: str | None, model_name: str, version: int, digest: str, jobs: Mapping[str, Batch]) -> str | None:
+    """Why the record of `version` under spec `digest` whose tags name batch `job` does not count, or None.
+
+    Anyone who can write the version's tags and the output prefix could write a complete record for a
+    version never sampled; the cluster's own record of the batch (`jobs`, by submission id) vouches for it.
+    """
+    if not job:
+        return "its tags name no batch (ddpm.eval.<spec>.job is missing)"
+    prefix = job_prefix(model_name, version, digest)
+    if not (job.startswith(prefix) and job[len(prefix):].isdigit()):
+        return f"its tags name {job}, not a batch of v{version} under spec {digest}"
+    if (batch := jobs.get(job)) is None:
+        return f"the Ray cluster has no job {job} (none of this scheduler's batches ran it)"
+    if batch.status != "SUCCEEDED":
+        return f"its batch {job} is {batch.status}, not SUCCEEDED"
+    expected, found = batch_metadata(model_name, version, digest, int(job[len(prefix):])), dict(batch.metadata or {})
+    if any(found.get(key) != value for key, value in expected.items()):
+        return (f"its batch {job} was not submitted by this scheduler for v{version} under spec {digest} (its "
+                f"Jobs-API metadata is {found}, not {expected})")
+    return None
 
 
 @dataclass(frozen=True)
@@ -130,26 +163,79 @@ class Decision:
     tags: dict[str, object]
 
 
+class ChampionOwnerError(UserError):
+    """A scheduler started with --owns-champion whose spec is not the one that owns `champion`."""
+
+
+@dataclass(frozen=True)
+class Authority:
+    """What this scheduler may do with `champion`."""
+
+    moves: bool  # it moves `champion`; else it records scores only
+    claim: bool = False  # record this spec as the owner first (there is none, or a take-over)
+    previous: str | None = None  # the owner a take-over replaces
+    note: str = ""  # why it records only, for its log and its decisions
+
+
+def champion_authority(digest: str, owner: str | None, owns: bool, take_over: bool, model: str = "") -> Authority:
+    """Whether the scheduler of spec `digest` moves `champion`, given the spec that owns it (`owner`, None: none
+    yet), --owns-champion (`owns`) and --take-over-champion (`take_over`, which implies `owns`).
+
+    Ownership is explicit so that a scheduler of another spec (a manual run, a changed CronJob, a new
+    reference file) can never freeze promotion unnoticed: it is refused, or records only and says so.
+    """
+    if take_over and owner != digest:
+        return Authority(True, claim=True, previous=owner)
+    if owns or take_over:
+        if owner not in (None, digest):
+            raise ChampionOwnerError(
+                f"champion of {model} is moved by the scheduler of spec {owner}, this one's spec is {digest} "
+                "(other sampler flags or another --ref file): drop --owns-champion to record scores only, or "
+                "pass --take-over-champion to hand champion over to this spec")
+        return Authority(True, claim=owner is None)
+    if owner is None:
+        note = "no scheduler owns champion yet: start the one that should with --owns-champion"
+    elif owner == digest:
+        note = "this scheduler was started without --owns-champion (its spec owns champion)"
+    else:
+        note = f"spec {owner} owns champion (--take-over-champion hands it to this spec)"
+    return Authority(False, note=note)
+
+
 @dataclass(frozen=True)
 class Promotion:
     champion: int | None = None  # the version `champion` moves to, or None: it stays
-    claim: bool = False  # no spec owns `champion` yet: record this one as its owner first
     decisions: dict[int, Decision] = field(default_factory=dict)  # the promoted version first
+    warning: str = ""  # a new score better than the champion's, recorded only (no authority to move it)
 
 
-def decide_promotion(digest: str, owner: str | None, scores: Mapping[int, float], holder: int | None,
+def decide_promotion(authority: Authority, scores: Mapping[int, float], holder: int | None,
                      holder_status: str | None, new: Iterable[int], pseudo: Collection[int] = ()) -> Promotion:
     """Whom `champion` goes to, and the decision of each version in `new` (those that succeeded this tick).
 
-    `scores`: the verified FIDs under spec `digest`; `owner`: the spec whose scheduler moves `champion` (None:
-    none yet; another: this one records only); `holder`: the version holding it, `holder_status` its evaluation
-    status under this spec (while it is submitted or failed, nothing moves); `pseudo`: versions scored by a
-    pseudo-FID, which never promotes.
+    `scores`: the verified FIDs of this spec; `holder`: the version holding `champion`, `holder_status` its
+    evaluation status under this spec (while it is submitted or failed, nothing moves); `pseudo`: versions
+    scored by a pseudo-FID, which never promotes. Without `authority.moves` every decision is "recorded
+    only", and a new score that would have been champion gets a warning.
     """
     new = sorted(new)
-    if owner not in (None, digest):
-        text = f"recorded only: champion is decided under spec {owner}, not {digest}"
-        return Promotion(decisions={n: Decision(text, {"fid": scores.get(n, ""), "decision": text}) for n in new})
+    owner = _owner_promotion(scores, holder, holder_status, new, pseudo)
+    if authority.moves:
+        return owner
+    decisions, warning = {}, ""
+    for number in new:
+        text = f"recorded only: {authority.note}"
+        if number == owner.champion and number != holder:
+            better = owner.decisions[number].text.removeprefix("promoted: ")
+            text = f"recorded only ({better}): {authority.note}"
+            warning = f"v{number} would be champion ({better}) but is recorded only: {authority.note}"
+        decisions[number] = Decision(text, {"fid": scores.get(number, ""), "decision": text})
+    return Promotion(decisions=decisions, warning=warning)
+
+
+def _owner_promotion(scores: Mapping[int, float], holder: int | None, holder_status: str | None, new: list[int],
+                     pseudo: Collection[int]) -> Promotion:
+    """The promotion as the owning scheduler decides it."""
     held = scores.get(holder) if holder is not None else None
     best = min(scores, key=lambda n: (scores[n], n), default=None)
     pending = holder is not None and held is None and holder_status in (SUBMITTED, FAILED)
@@ -166,7 +252,7 @@ def decide_promotion(digest: str, owner: str | None, scores: Mapping[int, float]
     for number in new:
         if number != champion:
             decisions[number] = _standing(number, scores, holder, held, pending, number in pseudo)
-    return Promotion(champion, champion is not None and owner is None, decisions)
+    return Promotion(champion, decisions)
 
 
 def _standing(number: int, scores: Mapping[int, float], holder: int | None, held: float | None, pending: bool,

@@ -5,7 +5,8 @@
         --preset lsun_bedroom256 --workers 8 --gpu --storage s3://bucket/runs --name bedroom-v1
 
 The same `--name` resumes: from the latest checkpoint, in the same MLflow run, if the dataset and the
-config are the same but for RESUMABLE; `--force-new` starts a new run. At the end the EMA model becomes a
+config are the same but for RESUMABLE, as the MLflow run and the checkpoint itself (whatever the tracking
+store or experiment) record them; `--force-new` starts a new run. At the end the EMA model becomes a
 new version of `ddpm-<preset>` in the MLflow registry, alias `candidate`.
 """
 
@@ -17,8 +18,9 @@ import sys
 import time
 from pathlib import Path
 
+from ddpm_core.checkpoint import latest_state, read_config
 from ddpm_core.config import Config, ConfigError
-from ddpm_core.errors import ArgumentError
+from ddpm_core.errors import ArgumentError, UserError
 from ddpm_core.presets import PRESETS, get_preset
 from ddpm_core.sharding import DatasetError, read_dataset_info
 from ddpm_core.storage import open_storage
@@ -95,16 +97,14 @@ def train(args: argparse.Namespace) -> None:
     # --force-new gets a folder of its own: Ray Train resumes from whatever checkpoints the folder holds.
     folder = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.force_new else name
     run = TrainingRun(client, tracking_uri, args.experiment or dataset_name, name, params, folder, args.force_new)
-    if run.resumed:
-        check_resumable(name, run.started_params, {k: param_value(v) for k, v in params.items()})
-        run.mark_running()
+    check_resume(run, name, f"{storage_uri.rstrip('/')}/{run.folder}", {k: param_value(v) for k, v in params.items()})
     run.record_checkpoints(f"{storage_uri.rstrip('/')}/{run.folder}")
     log.info("%s MLflow run %s (%s) of experiment %s; checkpoints in %s/%s", "resuming" if run.resumed else "created",
              run.run_id, redact(tracking_uri), args.experiment or dataset_name, storage_uri, run.folder)
 
-    loop_config = {"config": config.to_dict(), "data": args.data, "tracking_uri": tracking_uri, "run_id": run.run_id,
+    loop_config = {"config": config.to_dict(), "data": data.uri, "tracking_uri": tracking_uri, "run_id": run.run_id,
                    "loader_workers": args.loader_workers, "compile": args.compile, "bf16": args.bf16,
-                   "threads_per_worker": max(1, int(args.cpus_per_worker))}
+                   "threads_per_worker": max(1, int(args.cpus_per_worker)), "dataset_fingerprint": info["fingerprint"]}
     again = "the same command" + (" without --force-new" if args.force_new else "")
     try:
         with ray_train.fit(loop_config, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
@@ -123,8 +123,34 @@ def train(args: argparse.Namespace) -> None:
              registered_name(config.preset), version, run.run_id)
 
 
-def check_resumable(name: str, started: dict[str, str], now: dict[str, str]) -> None:
-    """Refuse to resume run `name` if the params it was started with differ from `now` outside RESUMABLE.
+def check_resume(run, name: str, checkpoints: str, now: dict[str, str]) -> None:
+    """Refuse to go on with run `name` in another dataset or config than its MLflow run was started with, or than
+    the newest checkpoint in `checkpoints` records (the checkpoint's record counts whatever the MLflow store or
+    experiment: a new one finds no run, and Ray Train would resume the checkpoint all the same). A run created
+    by this command is deleted again when refused; a found one is left as it was."""
+    from pipelines.mlflow_tracking import param_value
+
+    try:
+        if run.resumed:
+            check_resumable(name, run.started_params, now)
+        if latest := latest_state(open_storage(checkpoints)):
+            url, state = latest
+            recorded = {**read_config(url, state.config).flat(),  # "": a checkpoint from before the field
+                        "dataset_fingerprint": state.dataset_fingerprint or now["dataset_fingerprint"]}
+            check_resumable(name, {k: param_value(v) for k, v in recorded.items()}, now,
+                            source=f" (checkpoint {url})", announce=not run.resumed)
+    except UserError:
+        if not run.resumed:
+            run.discard()
+        raise
+    if run.resumed:
+        run.mark_running()
+
+
+def check_resumable(name: str, started: dict[str, str], now: dict[str, str], source: str = "",
+                    announce: bool = True) -> None:
+    """Refuse to resume run `name` if the params it was started with (as its MLflow run, or the checkpoint
+    `source`, records them) differ from `now` outside RESUMABLE; `announce` logs the RESUMABLE ones that do.
 
     A config field the run has no param for (it was started before the field existed) counts as its default.
     """
@@ -136,10 +162,10 @@ def check_resumable(name: str, started: dict[str, str], now: dict[str, str]) -> 
         def settings(params: dict[str, str]) -> str:
             return " and ".join(f"{k}={params.get(k, '(unset)')}" for k in differ)
 
-        raise ConfigError(f"run {name!r} was started with {settings(started)}; this command has {settings(now)}; "
-                          "use the same settings to resume, or --force-new to start over")
+        raise ConfigError(f"run {name!r}{source} was started with {settings(started)}; this command has "
+                          f"{settings(now)}; use the same settings to resume, or --force-new to start over")
     changed = [f"{k}={now[k]} (was {started[k]})" for k in RESUMABLE if k in started and started[k] != now.get(k)]
-    if changed:
+    if changed and announce:
         log.info("resuming run %r with %s", name, ", ".join(changed))
 
 

@@ -58,6 +58,12 @@ def test_round_trip_through_json():
         ("model.attn_resolutions=12", r"attn_resolutions \[12\] are not U-Net levels"),
         ("model.in_channels=4", r"model.in_channels must be 3 \(RGB\) or 1 \(grey"),
         ("model.init=xavier", "model.init must be 'paper' or 'pytorch', got 'xavier'"),
+        ("model.ch=0", "model.ch must be >= 1, got 0"),
+        ("model.ch=-32", "model.ch must be >= 1, got -32"),
+        ("model.ch=abc", "override 'model.ch=abc': 'abc' is not a valid int"),
+        ("model.ch=1e9", r"make a U-Net of about 1.76e\+21 parameters, over the limit of 2e\+09"),
+        ("model.resolution=8192", r"model.resolution must be in 1..4096, got 8192"),
+        ("diffusion.timesteps=1e9", r"diffusion.timesteps must be in 1..100000, got 1000000000"),
     ],
 )
 def test_bad_overrides_get_one_clear_error(override, message):
@@ -98,6 +104,27 @@ def test_resolution_must_halve_cleanly():
 def test_optimizer_values_that_would_fail_on_the_workers_are_refused_naming_the_field(override, message):
     with pytest.raises(ConfigError, match=message):
         get_preset("cifar10").with_overrides([override])
+
+
+@pytest.mark.parametrize("section, key, value, message", [
+    ("model", "ch", "128", "model.ch must be an integer, got '128'"),
+    ("model", "ch", 128.0, "model.ch must be an integer, got 128.0"),
+    ("model", "gradient_checkpointing", 1, "model.gradient_checkpointing must be true or false, got 1"),
+    ("model", "attn_resolutions", 16, "model.attn_resolutions must be a list of integers, got 16"),
+    ("train", "adam_betas", [0.9, "x"], r"train.adam_betas must be a list of 2 numbers, got \[0.9, 'x'\]"),
+    ("train", "lr", None, "train.lr must be a number, got None"),
+    ("diffusion", "variance", ["fixedlarge"], r"diffusion.variance must be a string, got \['fixedlarge'\]"),
+])
+def test_a_stored_config_of_the_wrong_type_is_refused_naming_the_field(section, key, value, message):
+    data = get_preset("cifar10").to_dict()
+    data[section][key] = value
+    with pytest.raises(ConfigError, match=f"^{message}$"):
+        Config.from_dict(data)
+    data = get_preset("cifar10").to_dict()
+    data["train"]["lr"] = 1  # an integer stands for a float
+    assert Config.from_dict(data).train.lr == 1.0
+    with pytest.raises(ConfigError, match="^preset 'a/b' is not a name"):
+        Config.from_dict({**data, "preset": "a/b"})
 
 
 def test_a_stored_config_with_a_nan_learning_rate_is_refused_too():

@@ -192,6 +192,7 @@ def test_an_imported_model_folder_is_taken_by_export_register_and_the_sampling_j
     from mlflow.tracking import MlflowClient
 
     from ddpm_core.checkpoint import verify_model_folder
+    from ddpm_core.storage import sha256_file
     from pipelines.cli import main as ddpm
     from pipelines.mlflow_registry import load_model, resolve_model, weights_sha256
     from tests.errors import expect_one_error
@@ -201,7 +202,8 @@ def test_an_imported_model_folder_is_taken_by_export_register_and_the_sampling_j
     out = tmp_path / "models" / "tiny"
     assert ddpm(["convert", "import", "--folder", str(legacy), "--out", str(out)]) == 0
     digest = verify_model_folder(out)
-    assert (out / "ema.safetensors.sha256").read_text() == f"{digest}  ema.safetensors\n"
+    assert (out / "ema.safetensors.sha256").read_text() == (f"{digest}  ema.safetensors\n"
+                                                            f"{sha256_file(out / 'config.json')}  config.json\n")
     resolved, version = resolve_model(str(out), None)  # what `ddpm sample` and `ddpm fid` do with --model
     assert resolved == f"{out}@sha256:{digest}" and version is None and weights_sha256(resolved, None) == digest
     model, config = load_model(resolved, "")

@@ -13,6 +13,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 from datetime import datetime
 
 import mlflow
@@ -28,7 +29,7 @@ from pipelines.cron import Cron, CronError
 from pipelines.evaluation import EvalSpec, InvalidResult, check_result, verified_fid
 from pipelines.fid_reference import main as reference_main
 from pipelines.mlflow_registry import CHAMPION, register
-from pipelines.schedule_sampling import add_arguments, build, serve
+from pipelines.schedule_sampling import add_arguments, build
 from pipelines.schedule_sampling import main as schedule_main
 from pipelines.scheduler_decisions import submission_id
 from tests.errors import expect_one_error
@@ -110,19 +111,21 @@ def new_version(world, seed: int) -> int:
     return int(register(world["client"], run.info.run_id, checkpoint, get_preset("tiny"), {"steps": seed}))
 
 
-def schedule_args(world, *extra) -> list[str]:
+def schedule_args(world, *extra, owner: bool = True) -> list[str]:
+    """The test's scheduler; `owner`: the one that moves `champion` (--owns-champion)."""
     return ["--model-name", "ddpm-tiny", "--once", "--num", "16", "--per-tar", "8", "--sampler", "ddim",
             "--steps", "4", "--ref", world["ref"], "--out-root", str(world["root"] / "evaluations"),
             "--inception-weights", str(world["weights"]), "--allow-small-n", "--cpus-per-actor", "0.5",
-            "--batch-size", "8", "--poll", "1", "--address", world["ray"], "--tracking-uri", world["tracking"], *extra]
+            "--batch-size", "8", "--poll", "1", "--address", world["ray"], "--tracking-uri", world["tracking"],
+            *(["--owns-champion"] if owner else []), *extra]
 
 
-def scheduler(world, *extra):
+def scheduler(world, *extra, owner: bool = True):
     import argparse
 
     parser = argparse.ArgumentParser()
     add_arguments(parser)
-    return build(parser.parse_args(schedule_args(world, *extra)))
+    return build(parser.parse_args(schedule_args(world, *extra, owner=owner)))
 
 
 def eval_jobs(world, version: int) -> list[str]:
@@ -161,6 +164,9 @@ def test_two_new_versions_two_batches_one_promotion_then_nothing(world):
         fids[version] = float(t["fid"])
         assert fids[version] == pytest.approx(result["fid"], abs=1e-9) and fids[version] > 0
         assert eval_jobs(world, version) == [submission_id("ddpm-tiny", version, planner.spec, 1)]
+        assert world["jobs"].get_job_info(t["job"]).metadata == {  # what vouches for the record
+            "ddpm.model": "ddpm-tiny", "ddpm.version": str(version), "ddpm.spec": planner.spec.digest,
+            "ddpm.attempt": "1"}
     best, other = sorted(fids, key=fids.get)
     assert report.promoted == best and champion(world) == best
     assert tags(world, best, planner.spec, "promotion")["decision"].startswith("promoted: FID")
@@ -224,17 +230,56 @@ def test_a_pseudo_fid_is_recorded_but_never_promotes(world):
     before = champion(world)
     first_spec = scheduler(world).spec
     kept = tags(world, candidate, first_spec)
-    pseudo = scheduler(world, "--features", "random-init", "--aliases", "candidate")
+    pseudo = scheduler(world, "--features", "random-init", "--aliases", "candidate", owner=False)
     report = pseudo.tick(poll=1)
     assert list(report.outcomes) == [candidate] and report.promoted is None
     t = tags(world, candidate, pseudo.spec)
     assert float(t["pseudo_fid"]) > 0 and "fid" not in t
     assert tags(world, candidate, first_spec) == kept  # the other spec's record is untouched
-    # `champion` belongs to the spec that first promoted: another spec records, and never moves it.
+    # Without --owns-champion a scheduler records, and never moves it.
     assert tags(world, candidate, pseudo.spec, "promotion")["decision"] == (
-        f"recorded only: champion is decided under spec {first_spec.digest}, not {pseudo.spec.digest}")
+        f"recorded only: spec {first_spec.digest} owns champion (--take-over-champion hands it to this spec)")
     assert champion(world) == before
     assert scheduler(world).tick(poll=1).submitted == [] and champion(world) == before  # no flip back and forth
+
+
+@pytest.mark.slow
+def test_only_the_owning_scheduler_moves_champion_and_a_hand_over_is_explicit(world, caplog):
+    caplog.set_level(logging.INFO, logger="ddpm.schedule")
+    client, first, before = world["client"], scheduler(world).spec, champion(world)
+    version = new_version(world, 31)  # the candidate, not evaluated yet
+    other = schedule_args(world, "--seed", "5", "--aliases", "candidate", owner=False)
+    other_spec = scheduler(world, "--seed", "5", owner=False).spec
+    try:
+        # Another spec told to own champion: one line, exit 2, before any batch.
+        expect_one_error(caplog, schedule_main, [*other, "--owns-champion"],
+                         f"champion of ddpm-tiny is moved by the scheduler of spec {first.digest}, this one's spec is "
+                         f"{other_spec.digest} (other sampler flags or another --ref file): drop --owns-champion")
+        assert tags(world, version, other_spec) == {}
+        # Without it: scored and recorded only, and the score it would have promoted is a warning, not an INFO.
+        caplog.clear()
+        assert schedule_main(other) == 0 and champion(world) == before
+        note = f"spec {first.digest} owns champion (--take-over-champion hands it to this spec)"
+        assert tags(world, version, other_spec, "promotion")["decision"] == (
+            f"recorded only (FID {float(tags(world, version, other_spec)['fid']):.4f}; champion v{before} has no FID "
+            f"under this spec): {note}")
+        warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+        assert sum(f"v{version} would be champion (FID " in w and f"but is recorded only: {note}" in w
+                   for w in warnings) == 1, warnings
+        # The documented hand-over: logged, then this spec's best moves champion; the old owner is refused.
+        caplog.clear()
+        assert schedule_main([*other, "--take-over-champion"]) == 0
+        assert client.get_registered_model("ddpm-tiny").tags["ddpm.champion_spec"] == other_spec.digest
+        assert any(r.levelno == logging.WARNING and r.getMessage() == (
+            f"champion of ddpm-tiny is now moved by the scheduler of spec {other_spec.digest} "
+            f"(--take-over-champion, from spec {first.digest})") for r in caplog.records)
+        assert champion(world) == version
+        expect_one_error(caplog, schedule_main, schedule_args(world),
+                         f"champion of ddpm-tiny is moved by the scheduler of spec {other_spec.digest}")
+    finally:  # as it was, for the tests that follow
+        client.set_registered_model_tag("ddpm-tiny", "ddpm.champion_spec", first.digest)
+        client.set_registered_model_alias("ddpm-tiny", CHAMPION, str(before))
+        client.delete_model_version("ddpm-tiny", str(version))
 
 
 @pytest.mark.slow
@@ -315,6 +360,45 @@ def test_written_tags_and_forged_or_bad_records_never_promote_and_never_stop_a_t
 
 
 @pytest.mark.slow
+def test_a_complete_record_without_its_own_succeeded_batch_never_promotes(world, caplog):
+    """What a job with the scheduler's registry and storage access could write: a perfect, consistent record of
+    a version never sampled. Only the cluster's record of this scheduler's batch vouches for one."""
+    caplog.set_level(logging.WARNING, logger="ddpm.schedule")
+    planner, client = scheduler(world), world["client"]
+    before = champion(world)
+    real = json.loads((world["root"] / "evaluations" / "ddpm-tiny" / f"v{before}-{planner.spec.digest}"
+                       / "fid.json").read_text())
+    no_job, borrowed, foreign = (new_version(world, seed) for seed in (41, 42, 43))
+    for version in (no_job, borrowed, foreign):
+        forge(world, version, planner.spec, {**real, "model": f"models:/ddpm-tiny/{version}", "fid": 0.001,
+                                             "model_weights_sha256": tags(world, version)["ddpm.weights_sha256"]})
+    key = f"ddpm.eval.{planner.spec.digest}.job"
+    champion_job = tags(world, before, planner.spec)["job"]  # a real batch, of another version
+    client.set_model_version_tag("ddpm-tiny", str(borrowed), key, champion_job)
+    # A job under this version's batch id that this scheduler did not submit (any Ray client can).
+    foreign_job = submission_id("ddpm-tiny", foreign, planner.spec, 1)
+    world["jobs"].submit_job(entrypoint=f"{sys.executable} -c pass", submission_id=foreign_job)
+    for _ in range(120):
+        if str(world["jobs"].get_job_status(foreign_job)) == "SUCCEEDED":
+            break
+        time.sleep(0.5)
+    client.set_model_version_tag("ddpm-tiny", str(foreign), key, foreign_job)
+
+    report = planner.tick(poll=1)
+    assert report.submitted == [] and report.promoted is None and champion(world) == before
+    warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    for version, reason in ((no_job, "its tags name no batch"),
+                            (borrowed, f"its tags name {champion_job}, not a batch of v{borrowed} under spec "
+                                       f"{planner.spec.digest}"),
+                            (foreign, f"its batch {foreign_job} was not submitted by this scheduler for v{foreign} "
+                                      f"under spec {planner.spec.digest} (its Jobs-API metadata is {{}}")):
+        assert sum(f"v{version}: its evaluation under spec {planner.spec.digest} is skipped: {reason}" in w
+                   for w in warnings) == 1, (version, warnings)
+    for version in (no_job, borrowed, foreign):
+        client.delete_model_version("ddpm-tiny", str(version))
+
+
+@pytest.mark.slow
 def test_a_result_counts_only_once_recorded_completely(world):
     """The scheduler stopped between a batch's end and its record: the next tick records it, from fid.json."""
     planner = scheduler(world)
@@ -352,21 +436,21 @@ def test_cron_mode_survives_an_mlflow_outage(world, caplog, capsys, monkeypatch)
     # the first tick. Ticks submit nothing (--aliases) under a spec of their own (--seed).
     proxy = OutageProxy(world["tracking"])
     try:
-        planner = scheduler(world, "--tracking-uri", proxy.uri, "--aliases", "nobody", "--seed", "7")
+        planner = scheduler(world, "--tracking-uri", proxy.uri, "--aliases", "nobody", "--seed", "7", owner=False)
         sleeps = []
 
         def sleep(seconds: float) -> None:  # the cron wait
             sleeps.append(seconds)
             proxy.down = len(sleeps) == 1
 
-        serve(planner, Cron.parse("* * * * *"), wait_timeout=60, poll=1, ticks=2, sleep=sleep)
+        Cron.parse("* * * * *").serve(lambda: print(planner.tick(60, 1).table(), flush=True), ticks=2, sleep=sleep)
         messages = [r.getMessage() for r in caplog.records]
         assert sum("this tick failed, the next one retries" in m for m in messages) == 1, messages
         assert len(sleeps) == 2 and all(0 < s <= 60 for s in sleeps) and proxy.dropped
         # The second tick ran to its end: its report was printed once.
         assert capsys.readouterr().out.count("nothing to do: every version is evaluated under this spec") == 1
         registered = world["client"].search_model_versions("name = 'ddpm-tiny'")
-        assert [v.version for v in planner.versions()] == sorted((v.version for v in registered), key=int)
+        assert [v.version for v in planner.records.versions()] == sorted((v.version for v in registered), key=int)
         assert not any(planner.spec.digest in key for v in registered for key in v.tags)  # nothing written
     finally:
         proxy.close()

@@ -16,6 +16,8 @@ from pipelines.scheduler_decisions import (
     SUBMITTED,
     SUCCEEDED,
     WATCH,
+    Authority,
+    ChampionOwnerError,
     Decision,
     Promotion,
     SchedulerError,
@@ -23,6 +25,8 @@ from pipelines.scheduler_decisions import (
     TickReport,
     VersionState,
     attempts_of,
+    batch_metadata,
+    champion_authority,
     decide_promotion,
     failed_decision,
     job_prefix,
@@ -30,16 +34,21 @@ from pipelines.scheduler_decisions import (
     read_count,
     retrying,
     submission_id,
+    unvouched,
 )
 
 DIGEST = "07940bdd29"
 PREFIX = f"ddpm-eval-ddpm-tiny-v3-{DIGEST}-a"
+OTHER = "0123456789"  # another spec's digest
+OWNS = Authority(True)  # a scheduler started with --owns-champion whose spec owns `champion`
 
 
 @dataclass(frozen=True)
 class Job:
     submission_id: str
     ended: bool
+    status: str = "SUCCEEDED"
+    metadata: dict | None = None
 
 
 def state(tags=None, batches=(), attempts=0, selected=True) -> VersionState:
@@ -97,60 +106,111 @@ def test_a_failed_batch_is_retried_then_given_up():
 
 
 def test_the_best_verified_fid_is_promoted_and_the_others_told_why_not():
-    promotion = decide_promotion(DIGEST, None, {1: 20.0, 2: 12.5}, None, None, new=[1, 2])
-    assert promotion.champion == 2 and promotion.claim  # the first promotion claims `champion` for this spec
+    promotion = decide_promotion(OWNS, {1: 20.0, 2: 12.5}, None, None, new=[1, 2])
+    assert promotion.champion == 2
     first = "promoted: FID 12.5000; no champion before"
     loser = "not promoted: FID 20.0000 >= champion v2 FID 12.5000"
     assert promotion.decisions == {
         2: Decision(first, {"fid": 12.5, "champion": "", "champion_fid": "", "decision": first}),
         1: Decision(loser, {"fid": 20.0, "champion": 2, "champion_fid": 12.5, "decision": loser})}
     assert list(promotion.decisions) == [2, 1]  # the promoted version's decision is written first
-    better = decide_promotion(DIGEST, DIGEST, {1: 20.0, 2: 12.5, 3: 9.0}, 2, SUCCEEDED, new=[3])
+    better = decide_promotion(OWNS, {1: 20.0, 2: 12.5, 3: 9.0}, 2, SUCCEEDED, new=[3])
     text = "promoted: FID 9.0000 < champion v2 FID 12.5000"
-    assert better == Promotion(3, False, {3: Decision(text, {"fid": 9.0, "champion": 2, "champion_fid": 12.5,
+    assert better == Promotion(3, {3: Decision(text, {"fid": 9.0, "champion": 2, "champion_fid": 12.5,
                                                              "decision": text})})
     # A tie keeps the older version; the holder without a score under this spec is replaced.
-    assert decide_promotion(DIGEST, DIGEST, {4: 9.0, 3: 9.0}, 3, SUCCEEDED, new=[4]).champion is None
-    unscored = decide_promotion(DIGEST, DIGEST, {4: 9.0}, 1, GAVE_UP, new=[4])
+    assert decide_promotion(OWNS, {4: 9.0, 3: 9.0}, 3, SUCCEEDED, new=[4]).champion is None
+    unscored = decide_promotion(OWNS, {4: 9.0}, 1, GAVE_UP, new=[4])
     assert unscored.champion == 4 and unscored.decisions[4].text == \
         "promoted: FID 9.0000; champion v1 has no FID under this spec"
 
 
 def test_the_champion_is_kept_and_a_worse_score_not_promoted():
-    promotion = decide_promotion(DIGEST, DIGEST, {2: 12.5, 5: 13.0}, 2, SUCCEEDED, new=[2, 5])
+    promotion = decide_promotion(OWNS, {2: 12.5, 5: 13.0}, 2, SUCCEEDED, new=[2, 5])
     kept, worse = "kept: already champion, FID 12.5000", "not promoted: FID 13.0000 >= champion v2 FID 12.5000"
-    assert promotion == Promotion(None, False, {
+    assert promotion == Promotion(None, {
         2: Decision(kept, {"fid": 12.5, "champion": 2, "champion_fid": 12.5, "decision": kept}),
         5: Decision(worse, {"fid": 13.0, "champion": 2, "champion_fid": 12.5, "decision": worse})})
 
 
 def test_nothing_moves_while_the_champion_is_still_being_evaluated():
     for status in (SUBMITTED, FAILED):
-        promotion = decide_promotion(DIGEST, DIGEST, {6: 1.0}, 2, status, new=[6])
+        promotion = decide_promotion(OWNS, {6: 1.0}, 2, status, new=[6])
         text = "deferred: champion v2 is still being evaluated under this spec"
-        assert promotion == Promotion(None, False, {6: Decision(text, {"fid": 1.0, "champion": 2, "champion_fid": "",
+        assert promotion == Promotion(None, {6: Decision(text, {"fid": 1.0, "champion": 2, "champion_fid": "",
                                                                        "decision": text})})
     # Once the holder has a score under this spec, the comparison is made.
-    assert decide_promotion(DIGEST, DIGEST, {2: 3.0, 6: 1.0}, 2, SUCCEEDED, new=[6]).champion == 6
+    assert decide_promotion(OWNS, {2: 3.0, 6: 1.0}, 2, SUCCEEDED, new=[6]).champion == 6
 
 
 def test_a_pseudo_fid_never_promotes():
-    promotion = decide_promotion(DIGEST, None, {}, None, None, new=[7, 8], pseudo={7})
+    promotion = decide_promotion(OWNS, {}, None, None, new=[7, 8], pseudo={7})
     pseudo = "not promoted: pseudo-FID only (FID needs the verified Inception weights)"
     none = "not promoted: no FID only (FID needs the verified Inception weights)"
-    assert promotion == Promotion(None, False, {
+    assert promotion == Promotion(None, {
         7: Decision(pseudo, {"fid": "", "champion": "", "champion_fid": "", "decision": pseudo}),
         8: Decision(none, {"fid": "", "champion": "", "champion_fid": "", "decision": none})})
-    with_champion = decide_promotion(DIGEST, DIGEST, {2: 12.5}, 2, SUCCEEDED, new=[7], pseudo={7})
+    with_champion = decide_promotion(OWNS, {2: 12.5}, 2, SUCCEEDED, new=[7], pseudo={7})
     assert with_champion.champion is None and with_champion.decisions[7].tags == {
         "fid": "", "champion": 2, "champion_fid": 12.5, "decision": pseudo}
 
 
-def test_another_specs_champion_is_recorded_only():
-    promotion = decide_promotion("0123456789", DIGEST, {3: 1.0}, 2, None, new=[3, 4])
-    text = f"recorded only: champion is decided under spec {DIGEST}, not 0123456789"
-    assert promotion == Promotion(None, False, {3: Decision(text, {"fid": 1.0, "decision": text}),
-                                                4: Decision(text, {"fid": "", "decision": text})})
+def test_only_a_scheduler_told_to_own_champion_moves_it():
+    assert champion_authority(DIGEST, None, owns=True, take_over=False) == Authority(True, claim=True)
+    assert champion_authority(DIGEST, DIGEST, owns=True, take_over=False) == OWNS
+    # Another spec owns it: refused, unless this one takes it over (which implies owning it).
+    with pytest.raises(ChampionOwnerError, match=f"^champion of ddpm-tiny is moved by the scheduler of spec {OTHER}, "
+                                                 f"this one's spec is {DIGEST} "):
+        champion_authority(DIGEST, OTHER, owns=True, take_over=False, model="ddpm-tiny")
+    assert champion_authority(DIGEST, OTHER, owns=False, take_over=True) == Authority(True, claim=True, previous=OTHER)
+    assert champion_authority(DIGEST, DIGEST, owns=True, take_over=True) == OWNS  # nothing to hand over
+    # Without --owns-champion, whoever owns it: scores are recorded only, and the scheduler says why.
+    notes = {owner: champion_authority(DIGEST, owner, owns=False, take_over=False) for owner in (None, DIGEST, OTHER)}
+    assert not any(a.moves or a.claim for a in notes.values())
+    assert notes[None].note == "no scheduler owns champion yet: start the one that should with --owns-champion"
+    assert notes[DIGEST].note == "this scheduler was started without --owns-champion (its spec owns champion)"
+    assert notes[OTHER].note == f"spec {OTHER} owns champion (--take-over-champion hands it to this spec)"
+
+
+def test_a_scheduler_that_does_not_own_champion_records_only_and_warns_of_a_better_score():
+    recorder = champion_authority(DIGEST, OTHER, owns=False, take_over=False)
+    note = recorder.note
+    promotion = decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[3, 4, 5], pseudo={5})
+    better, plain = f"recorded only (FID 9.0000 < champion v2 FID 12.5000): {note}", f"recorded only: {note}"
+    assert promotion == Promotion(None, {3: Decision(better, {"fid": 9.0, "decision": better}),
+                                         4: Decision(plain, {"fid": 20.0, "decision": plain}),
+                                         5: Decision(plain, {"fid": "", "decision": plain})},
+                                  f"v3 would be champion (FID 9.0000 < champion v2 FID 12.5000) but is recorded only: "
+                                  f"{note}")
+    # No champion at all: the first verified score would be it.
+    first = decide_promotion(recorder, {3: 9.0}, None, None, new=[3])
+    assert first.champion is None and first.warning == (
+        f"v3 would be champion (FID 9.0000; no champion before) but is recorded only: {note}")
+    # Nothing better, or a better score warned of on an earlier tick: no warning.
+    assert decide_promotion(recorder, {2: 12.5, 4: 20.0}, 2, SUCCEEDED, new=[4]).warning == ""
+    assert decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[4]).warning == ""
+
+
+def test_a_record_counts_only_when_its_own_succeeded_batch_vouches_for_it():
+    metadata = batch_metadata("ddpm-tiny", 3, DIGEST, 2)
+    assert metadata == {"ddpm.model": "ddpm-tiny", "ddpm.version": "3", "ddpm.spec": DIGEST, "ddpm.attempt": "2"}
+    jobs = {f"{PREFIX}2": Job(f"{PREFIX}2", True, "SUCCEEDED", metadata)}
+
+    def why(job, found=jobs):
+        return unvouched(job, "ddpm-tiny", 3, DIGEST, found)
+
+    assert why(f"{PREFIX}2") is None
+    assert why(None) == "its tags name no batch (ddpm.eval.<spec>.job is missing)"
+    for job in ("ddpm-eval-ddpm-tiny-v2-07940bdd29-a2", f"ddpm-eval-ddpm-tiny-v3-{OTHER}-a2", f"{PREFIX}x"):
+        assert why(job) == f"its tags name {job}, not a batch of v3 under spec {DIGEST}"
+    assert why(f"{PREFIX}1") == f"the Ray cluster has no job {PREFIX}1 (none of this scheduler's batches ran it)"
+    failed = {f"{PREFIX}2": Job(f"{PREFIX}2", True, "FAILED", metadata)}
+    assert why(f"{PREFIX}2", failed) == f"its batch {PREFIX}2 is FAILED, not SUCCEEDED"
+    for wrong in ({}, None, {**metadata, "ddpm.spec": OTHER}, {**metadata, "ddpm.version": "4"},
+                  {**metadata, "ddpm.attempt": "1"}):
+        found = {f"{PREFIX}2": Job(f"{PREFIX}2", True, "SUCCEEDED", wrong)}
+        assert why(f"{PREFIX}2", found).startswith(f"its batch {PREFIX}2 was not submitted by this scheduler for v3 "
+                                                   f"under spec {DIGEST} (its Jobs-API metadata ")
 
 
 def test_the_report_says_failed_and_gave_up_and_tabulates_each_version():

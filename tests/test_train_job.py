@@ -193,9 +193,11 @@ def test_each_rank_reads_a_remote_checkpoint_into_a_folder_of_its_own(tmp_path, 
     assert all(torch.equal(model.state_dict()[k], saved[k]) for k in saved)
 
 
-def test_too_many_non_finite_steps_stop_the_run_naming_the_step(tmp_path, dataset, ray_local, caplog):
+def test_too_many_non_finite_steps_stop_the_run_naming_the_step(tmp_path, dataset, ray_local, caplog, monkeypatch):
     caplog.set_level(logging.ERROR)
-    code = train_main(job(tmp_path, dataset, "--workers", "1", "--set", "train.lr=1e30", "--set",
+    # --data relative to the driver's directory: the workers, elsewhere, are given it resolved.
+    monkeypatch.chdir(Path(dataset).parent)
+    code = train_main(job(tmp_path, Path(dataset).name, "--workers", "1", "--set", "train.lr=1e30", "--set",
                           "train.warmup_steps=0", "--set", "train.max_nonfinite_steps=3"))
     assert code == 2
     message = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][-1]
@@ -226,6 +228,21 @@ def test_resume_refuses_another_dataset_or_config_and_force_new_starts_over(tmp_
                      "run 'tiny-run' was started with train.lr=0.001; this command has train.lr=0.002; use the same")
     client, refused = the_run(tmp_path)
     assert refused.info.status == "FINISHED" and refused.info.end_time == first.info.end_time  # left as it was
+
+    # A new MLflow store or another experiment finds no run, but Ray Train would resume the checkpoints of --name
+    # all the same: they record their dataset and config, checked before training; the run just made is deleted.
+    newest = tmp_path / "runs" / "tiny-run" / "checkpoint_000000008" / "state.json"
+    elsewhere = f"sqlite:///{tmp_path / 'elsewhere.db'}"
+    expect_one_error(caplog, train_main, [*job(tmp_path, str(other / "tiny16"), *one), "--tracking-uri", elsewhere],
+                     f"run 'tiny-run' (checkpoint {newest}) was started with dataset_fingerprint={fingerprint}; this "
+                     f"command has dataset_fingerprint={other_fingerprint}; use the same settings to resume")
+    expect_one_error(caplog, train_main, [*job(tmp_path, dataset, *one, "--set", "train.lr=0.002"), "--experiment",
+                                          "other"],
+                     f"run 'tiny-run' (checkpoint {newest}) was started with train.lr=0.001; this command has "
+                     "train.lr=0.002")
+    assert not MlflowClient(elsewhere).search_runs([MlflowClient(elsewhere).get_experiment_by_name("tiny16")
+                                                    .experiment_id])
+    assert not client.search_runs([client.get_experiment_by_name("other").experiment_id])
 
     # A run started before a config field existed has no param for it: it counts as the field's default.
     with sqlite3.connect(tmp_path / "mlflow.db") as db:
