@@ -2,6 +2,11 @@
 
 Each rank builds the model, restores Ray Train's latest checkpoint, wraps the model in DDP and runs the
 library loop; rank 0 sends metrics and sample grids to MLflow, every rank reports checkpoints (a barrier).
+
+Ray Train restarts a failed worker group up to `max_failures` times, whatever the error. One a user must fix
+(a shard whose bytes are not the manifest's) would fail the same way each time, so the failing rank first
+writes it to a stop record beside the checkpoints: the restarted ranks find it and stop at once, and the
+driver reports it as one line. (A rank cannot simply return: its peers would wait for it in DDP's all-reduce.)
 """
 
 from __future__ import annotations
@@ -28,10 +33,10 @@ from ray.train.torch import TorchConfig, TorchTrainer
 from ddpm_core.checkpoint import TrainingState, checkpoint_name, load_checkpoint, read_state, save_checkpoint
 from ddpm_core.config import Config
 from ddpm_core.diffusion import GaussianDiffusion
-from ddpm_core.errors import UserError
+from ddpm_core.errors import UserError, first_line
 from ddpm_core.loader import TrainLoader
 from ddpm_core.sampling import bf16_is_fast
-from ddpm_core.storage import storage_filesystem
+from ddpm_core.storage import open_storage, storage_filesystem
 from ddpm_core.training import StepResult, TrainingHooks, TrainingLoop, build_ema, build_optimizer
 from ddpm_core.unet import UNet
 from pipelines.job_runner import configure_logging
@@ -48,11 +53,33 @@ class TrainingFailed(UserError):
 # -- on every worker -------------------------------------------------------------------------------
 
 def train_loop_per_worker(loop: dict) -> dict:
-    """One DDP rank: restore, then train to `train.steps` with ddpm_core's TrainingLoop."""
+    """One DDP rank: stop on an earlier attempt's user error, else train (`_train`), recording a user error."""
     configure_logging()  # a worker process: its progress lines reach the driver's output
+    rank = ray.train.get_context().get_world_rank()
+    stop = StopRecord(*loop["stop_record"])
+    if message := stop.read():
+        log.info("rank %d not restarted: an earlier attempt stopped on an input to fix", rank)
+        return {"stopped": message}
+    try:
+        return _train(loop, rank)
+    except UserError as error:
+        stop.write(f"rank {rank} stopped: {_message_of(error)}")
+        raise
+
+
+def _message_of(error: UserError) -> str:
+    """The one-line message; from a DataLoader worker, torch re-raises the type with the worker's traceback as
+    its message ("Caught DatasetError in DataLoader worker process 0. ... DatasetError: <message>")."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if lines and lines[0].startswith("Caught ") and ": " in lines[-1]:
+        return lines[-1].split(": ", 1)[1]
+    return first_line(error)
+
+
+def _train(loop: dict, rank: int) -> dict:
+    """Restore, then train to `train.steps` with ddpm_core's TrainingLoop."""
     config = Config.from_dict(loop["config"])
-    context = ray.train.get_context()
-    rank, world = context.get_world_rank(), context.get_world_size()
+    world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
     if device.type == "cuda":
         model = UNet(config.model).to(device, memory_format=torch.channels_last)
@@ -134,6 +161,24 @@ def _test_hooks(step: int, keys: list[str], model: torch.nn.Module, rank: int) -
             f.write(json.dumps({"step": step, "keys": keys, "weights": hashlib.sha256(weights).hexdigest()}) + "\n")
 
 
+@dataclass(frozen=True)
+class StopRecord:
+    """`<storage_uri>/<name>`: the one-line user error that stopped a training attempt, for its restarts."""
+
+    storage_uri: str
+    name: str
+
+    def read(self) -> str | None:
+        storage = open_storage(self.storage_uri)
+        return json.loads(storage.read_bytes(self.name))["message"] if storage.exists(self.name) else None
+
+    def write(self, message: str) -> None:
+        open_storage(self.storage_uri).create_exclusive(self.name, json.dumps({"message": message}).encode())
+
+    def clear(self) -> None:
+        open_storage(self.storage_uri).delete(self.name)
+
+
 # -- on the driver ---------------------------------------------------------------------------------
 
 @dataclass
@@ -152,9 +197,11 @@ def fit(loop_config: dict, *, workers: int, gpu: bool, cpus_per_worker: float, s
     threads = loop_config["threads_per_worker"]
     hooks = {k: os.environ[k] for k in TEST_HOOKS if k in os.environ}
     filesystem = storage_filesystem(storage_uri)
+    stop = StopRecord(storage_uri, f"{folder}.stopped.json")  # beside Ray Train's folder, not in it
+    stop.clear()  # a re-run tries again
     trainer = TorchTrainer(
         train_loop_per_worker,
-        train_loop_config=loop_config,
+        train_loop_config={**loop_config, "stop_record": (stop.storage_uri, stop.name)},
         torch_config=TorchConfig(backend="nccl" if gpu else "gloo"),
         scaling_config=ScalingConfig(num_workers=workers, use_gpu=gpu,
                                      resources_per_worker=worker_resources(cpus_per_worker, gpu)),
@@ -170,12 +217,14 @@ def fit(loop_config: dict, *, workers: int, gpu: bool, cpus_per_worker: float, s
     try:
         result = trainer.fit()
     except TrainingFailedError as error:
+        if message := stop.read():  # --max-failures 0: no restart read it
+            raise TrainingFailed(f"{message}; then {resume_hint}") from None
         cause = [line.strip() for line in str(error).splitlines() if line.strip()]
         raise TrainingFailed(f"training failed ({cause[-1] if cause else type(error).__name__}); "
                              f"{resume_hint}") from None
     outcome = result.return_value or {}
-    if outcome.get("stopped"):
-        raise TrainingFailed(outcome["stopped"])
+    if outcome.get("stopped"):  # too many non-finite steps, or an earlier attempt's user error
+        raise TrainingFailed(outcome["stopped"] + (f"; then {resume_hint}" if stop.read() else ""))
     if result.checkpoint is None:
         raise TrainingFailed("training ended without a checkpoint")
     with result.checkpoint.as_directory() as directory:

@@ -3,6 +3,7 @@
 import json
 import logging
 import os
+import shutil
 import sqlite3
 import subprocess
 import sys
@@ -202,6 +203,26 @@ def test_too_many_non_finite_steps_stop_the_run_naming_the_step(tmp_path, datase
     assert code == 2
     message = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][-1]
     assert message.startswith("stopped at step ") and "3 consecutive steps had a non-finite loss" in message
+    assert the_run(tmp_path)[1].info.status == "FAILED"
+
+
+def test_a_shard_not_the_manifests_stops_training_at_once_with_one_line(tmp_path, dataset, ray_local, caplog):
+    """A user error on a worker is not retried by Ray Train (--max-failures 3): the restarted ranks read the
+    failing rank's stop record and return, and the driver reports the one line."""
+    caplog.set_level(logging.ERROR)
+    damaged = tmp_path / "tiny16"  # the experiment's name
+    shutil.copytree(dataset, damaged)
+    shard = sorted(damaged.rglob("*.tar"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF  # same size, other bytes: only the sha256 tells
+    shard.write_bytes(bytes(data))
+    args = job(tmp_path, str(damaged), "--max-failures", "3", "--loader-workers", "1")
+    assert train_main(args) == 2
+    message = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR][-1]
+    assert message.startswith("rank ") and shard.name in message
+    assert "is not the one in manifest.parquet" in message and "; then re-run the same command" in message, message
+    record = json.loads((tmp_path / "runs" / "tiny-run.stopped.json").read_text())
+    assert record["message"] in message and "\n" not in message
     assert the_run(tmp_path)[1].info.status == "FAILED"
 
 
