@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 # torch 2.14.1 + torchvision 0.29.1: the pair the FID libraries (torchvision) need; runs on CPU.
 TORCH_PIN := torch==2.14.1 torchvision==0.29.1
 
-.PHONY: setup test demo bench presets clean
+.PHONY: setup test demo bench bench-gpu presets clean
 
 setup: $(VENV)/.installed
 
@@ -37,6 +37,10 @@ bench: setup
 	$(BIN)/python bench/train_cpu.py
 	$(BIN)/python bench/sample_cpu.py
 	$(BIN)/python bench/vs_diffusers.py
+
+# One GPU's figures in about four minutes, written to bench/results/gpu-<time>/ (docs/gpu.md).
+bench-gpu: setup
+	$(BIN)/python bench/gpu.py
 
 clean:
 	rm -rf $(VENV) .pytest_cache
