@@ -9,10 +9,10 @@ the paper's init; `--set model.FIELD=VALUE` changes it for every path, e.g. `--s
 handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16 (bicubic) and written as grey
 RGB PNGs, then sharded by the project (`ShardJob` over a folder, the path of `ddpm shard`). Every path
 trains the same network size with the same batch, lr, warm-up, Adam, grad clip 1.0, EMA and no flips,
-for the same number of steps (the project paths with their preset's EMA scheme: `tiny` debiases it,
-`train.ema_debias`; the plain loops start theirs from the first weights); at each step count of
-`--steps` the EMA model draws `--samples` images with the same DDIM-50 sampler (η `--eta`, fp32, the
-same seeds).
+for the same number of steps; the EMA is the preset's scheme in every path (ddpm_core's `EMA`: `tiny`
+debiases it, `train.ema_debias`; `--set train.ema_debias=false` gives every path the paper's), so the
+paths differ in their training loop, not in how they average it. At each step count of `--steps` the
+EMA model draws `--samples` images with the same DDIM-50 sampler (η `--eta`, fp32, the same seeds).
 
 Paths (all in this one process, stepped round-robin so that other load on the machine hits each alike):
 - project: ddpm_core's `TrainingLoop`, as the training job's worker runs it on one rank, without Ray:
@@ -21,7 +21,7 @@ Paths (all in this one process, stepped round-robin so that other load on the ma
   continuing the batches of the last.
 - reference: a plain loop: the same decoded images in memory, a new permutation every epoch,
   diffusers' `UNet2DModel` with the same architecture and its default init, MSE on ε, Adam, clip
-  1.0, EMA by lerp from a copy, fp32.
+  1.0, fp32; the same warm-up (`learning_rate`) and EMA (`build_ema`) as the project.
 - reference-ours: the plain loop with our `UNet` (separates the network from the job).
 - project-fp32: the project path without bf16.
 
@@ -39,7 +39,6 @@ figures only.
 from __future__ import annotations
 
 import argparse
-import copy
 import math
 import sys
 import tarfile
@@ -68,7 +67,7 @@ from ddpm_core.sampling import bf16_is_fast  # noqa: E402
 from ddpm_core.sharding import ShardJob, build_shard  # noqa: E402
 from ddpm_core.sources import FolderSource  # noqa: E402
 from ddpm_core.storage import open_storage  # noqa: E402
-from ddpm_core.training import TrainingHooks, TrainingLoop, build_ema, build_optimizer  # noqa: E402
+from ddpm_core.training import TrainingHooks, TrainingLoop, build_ema, build_optimizer, learning_rate  # noqa: E402
 from ddpm_core.unet import UNet  # noqa: E402
 
 PATHS = ("project", "reference", "reference-ours", "project-fp32")
@@ -143,7 +142,7 @@ class PlainLoop:
     def __init__(self, model: torch.nn.Module, call, images: torch.Tensor, diffusion: GaussianDiffusion,
                  train: TrainConfig, seed: int):
         self.model, self.call, self.images, self.train = model, call, images, train
-        self.ema = copy.deepcopy(model).eval().requires_grad_(False)
+        self.ema = build_ema(model, train)
         self.optimizer = torch.optim.Adam(model.parameters(), lr=train.lr)
         self.abar = torch.tensor(diffusion.alphas_cumprod, dtype=torch.float32)
         self.generator = torch.Generator().manual_seed(seed)
@@ -162,18 +161,16 @@ class PlainLoop:
         abar = self.abar[t].view(-1, 1, 1, 1)
         loss = F.mse_loss(self.call(self.model, abar.sqrt() * x0 + (1 - abar).sqrt() * noise, t), noise)
         for group in self.optimizer.param_groups:
-            group["lr"] = self.train.lr * min((self.step + 1) / max(self.train.warmup_steps, 1), 1.0)
+            group["lr"] = learning_rate(self.step, self.train)
         self.optimizer.zero_grad(set_to_none=True)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.train.grad_clip)
         self.optimizer.step()
-        with torch.no_grad():
-            for e, p in zip(self.ema.parameters(), self.model.parameters()):
-                e.lerp_(p, 1.0 - self.train.ema_decay)
+        self.ema.update(self.model, self.step)
         self.step += 1
 
     def denoiser(self):
-        return lambda x, t: self.call(self.ema, x, t)
+        return lambda x, t: self.call(self.ema.model, x, t)
 
 
 class ProjectPath:
@@ -283,7 +280,8 @@ def main() -> None:
     model_config = preset.model
     params = count_parameters(UNet(model_config))
     colour = "grey model" if model_config.in_channels == 1 else "RGB model"
-    ema = f"EMA {args.ema} ({'debiased' if preset.train.ema_debias else 'from the first weights'} in the project paths)"
+    scheme = "debiased" if preset.train.ema_debias else "the paper's, from the first update"
+    ema = f"EMA {args.ema} ({scheme}, in every path)"
     print(f"digits × {model_config.resolution}² grey, {colour} {params / 1e6:.2f}M params, batch {args.batch}, "
           f"lr {args.lr:g}, warm-up {args.warmup}, {ema}, no flips; DDIM-50 η {args.eta:g} fp32, {args.samples} "
           f"samples; project bf16 {'on' if bf16_is_fast('cpu') else 'off (no native bf16)'}; {args.threads} threads; "

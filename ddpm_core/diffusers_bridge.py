@@ -10,11 +10,16 @@ diffusers' `_fix_state_dict_keys_on_load` does) and weights only in `diffusion_p
 folder that `DDPMPipeline.from_pretrained` loads. This module does not need diffusers installed;
 `download_hub` needs huggingface_hub.
 
-A folder's scheduler_config.json is read field by field: the forward process and the sampler's clipping
+A folder's scheduler_config.json (`scheduler/` of a pipeline folder; the root of a flat one, as the released
+`google/ddpm-*` repos are: config.json, weights, model_index.json and scheduler_config.json side by side)
+is read field by field: the forward process and the sampler's clipping
 become the imported Config's diffusion (num_train_timesteps, beta_start, beta_end, clip_sample, and
 variance_type where no --preset decides it); a field the paper's diffusion cannot represent (another beta
 schedule, v- or x0-prediction, dynamic thresholding, ...) or one this module does not know is refused,
 naming it. Malformed files are one BridgeError line naming the file, never a traceback.
+
+The imported model keeps its preset's training settings: dropout among them (the released configs have no
+dropout key, which would read as 0.0 where the paper's CIFAR-10 trained with 0.1) unless overridden.
 """
 
 from __future__ import annotations
@@ -71,6 +76,11 @@ SCHEDULER_IGNORED = ("_class_name", "_diffusers_version", "_use_default_values",
 
 class BridgeError(UserError):
     """A diffusers folder or model that does not map onto the DDPM U-Net, with the reason."""
+
+
+def architecture(model: ModelConfig) -> ModelConfig:
+    """`model` without its training settings (dropout, gradient checkpointing, init): what the weights fix."""
+    return replace(model, dropout=0.0, gradient_checkpointing=False, init="paper")
 
 
 def key_map(config: ModelConfig) -> dict[str, str]:
@@ -217,26 +227,26 @@ def matching_preset(model: ModelConfig, variance: str | None, preset: str | None
                     name: str = "") -> Config:
     """The preset of an imported model: `preset` when given, else the one preset with this architecture
     (and variance, when known); several (the 256² datasets share one) are told apart by a dataset in `name`.
-    Dropout is a training setting and is not compared."""
+    Training settings (`architecture` leaves them out) are not compared, and the preset's are kept."""
     if preset is not None:
         try:
             config = get_preset(preset)
         except ConfigError as error:
             raise BridgeError(f"--preset: {error}") from None
-        if replace(config.model, dropout=model.dropout) != model:
+        if architecture(config.model) != architecture(model):
             raise BridgeError(f"{name or 'the model'} does not have preset {preset}'s architecture: "
                               f"{model} vs {config.model}")
         if variance not in (None, config.diffusion.variance):
             log.warning("%s: its scheduler says %s, preset %s uses %s (the preset wins)", name, variance, preset,
                         config.diffusion.variance)
-        return replace(config, model=model)
+        return config
     fits = [p for p in PRESETS.values()
-            if replace(p.model, dropout=model.dropout) == model and variance in (None, p.diffusion.variance)]
+            if architecture(p.model) == architecture(model) and variance in (None, p.diffusion.variance)]
     if not fits:
         raise BridgeError(f"no preset has this architecture ({model}); add one or pass overrides")
     named = [p for p in fits if p.preset in {DATASET_PRESETS.get(t) for t in re.split(r"[^a-z0-9]+", name.lower())}]
     if len(fits) == 1 or len(named) == 1:
-        return replace((named or fits)[0], model=model)
+        return (named or fits)[0]
     raise BridgeError(f"{name or 'the model'} fits presets {', '.join(p.preset for p in fits)}: say which with "
                       f"--preset, or --dataset {'|'.join(DATASET_PRESETS)}")
 
@@ -256,12 +266,16 @@ def read_weights(unet_dir: Path) -> dict[str, torch.Tensor]:
     return state
 
 
-def import_folder(path: str | Path, preset: str | None = None, name: str | None = None) -> tuple[UNet, Config]:
-    """A diffusers pipeline folder (unet/ + scheduler/) or a bare UNet2DModel folder → our model and Config.
+def import_folder(path: str | Path, preset: str | None = None, name: str | None = None,
+                  overrides: list[str] | tuple[str, ...] = ()) -> tuple[UNet, Config]:
+    """A diffusers pipeline folder (unet/ + scheduler/), a flat one (config.json and scheduler_config.json
+    side by side, as released) or a bare UNet2DModel folder → our model and Config.
 
     `preset` names the preset to register it under (and its variance); without it the preset is read
     from the architecture, the scheduler's variance and a dataset in `name` (default: the folder's name
-    and the config's `_name_or_path`), e.g. google/ddpm-church-256 → lsun_church256.
+    and the config's `_name_or_path`), e.g. google/ddpm-church-256 → lsun_church256. `overrides`
+    (`section.field=value`, as `--set`) change the preset's training settings, e.g. model.dropout; the
+    architecture is the folder's.
     """
     root = Path(path)
     unet_dir = root / "unet" if (root / "unet" / "config.json").is_file() else root
@@ -270,7 +284,7 @@ def import_folder(path: str | Path, preset: str | None = None, name: str | None 
                           "(or unet/ holding them)")
     data = read_json_object(unet_dir / "config.json", error=BridgeError)
     model_config = model_config_from_diffusers(data, str(unet_dir))
-    scheduler = root / "scheduler" / "scheduler_config.json"
+    scheduler = root / "scheduler" / "scheduler_config.json" if unet_dir != root else root / "scheduler_config.json"
     diffusion, variance = scheduler_diffusion(scheduler) if scheduler.is_file() else ({}, None)
     name = name or f"{root.resolve().name} {data.get('_name_or_path', '')}".strip()
     config = matching_preset(model_config, variance, preset, name)
@@ -278,6 +292,13 @@ def import_folder(path: str | Path, preset: str | None = None, name: str | None 
         config = replace(config, diffusion=replace(config.diffusion, **diffusion))
     except ConfigError as error:
         raise BridgeError(f"{scheduler}: {error}") from None
+    config = config.with_overrides(overrides)
+    if architecture(config.model) != architecture(model_config):
+        raise BridgeError(f"--set {' '.join(overrides)}: the architecture is {unet_dir}'s; of model.*, only "
+                          "dropout, gradient_checkpointing and init can be set")
+    if "dropout" in data and model_config.dropout != config.model.dropout:
+        log.info("%s: dropout %g, the preset's or --set's (its config.json says %g)", name, config.model.dropout,
+                 model_config.dropout)
     differ = {k: v for k, v in diffusion.items() if getattr(get_preset(config.preset).diffusion, k) != v}
     if differ:
         log.warning("%s: imported with its scheduler's %s, not preset %s's", name, differ, config.preset)
@@ -301,7 +322,8 @@ def download_hub(repo_id: str, revision: str | None = None) -> Path:
     except ImportError:
         raise BridgeError("--hub needs huggingface_hub: pip install huggingface_hub "
                           "(or ddpm-ray[diffusers])") from None
-    configs = ["model_index.json", "scheduler/scheduler_config.json", "config.json", "unet/config.json"]
+    configs = ["model_index.json", "scheduler_config.json", "scheduler/scheduler_config.json", "config.json",
+               "unet/config.json"]
     try:
         folder = Path(snapshot_download(repo_id, revision=revision,
                                         allow_patterns=[*configs, WEIGHTS, f"unet/{WEIGHTS}"]))

@@ -37,6 +37,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     preset.add_argument("--preset", choices=sorted(PRESETS), help="register under this preset, with its variance "
                                                                   "(default: read from the folder)")
     preset.add_argument("--dataset", choices=sorted(DATASET_PRESETS), help="the same, by dataset")
+    imports.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
+                         help="override a training setting of the preset, e.g. --set model.dropout=0.2 (repeatable; "
+                              "default: the preset's, e.g. cifar10's 0.1); the architecture is the folder's")
     imports.add_argument("--register", action="store_true", help="register as ddpm-<preset>, alias candidate")
     imports.add_argument("--out", default=None, help="also write a model folder here")
     imports.add_argument("--tracking-uri", default=None)
@@ -58,12 +61,12 @@ def import_model(args: argparse.Namespace) -> None:
     if args.hub:
         folder = download_hub(args.hub, args.revision)
         source = {"source": "huggingface", "repo": args.hub, "revision": folder.name}  # the commit it resolved to
-        model, config = import_folder(folder, preset, name=args.hub)
+        model, config = import_folder(folder, preset, name=args.hub, overrides=args.set)
     else:
         if args.revision:
             raise BridgeError("--revision goes with --hub; a --folder has no revisions")
         source = {"source": "diffusers", "folder": args.folder}
-        model, config = import_folder(args.folder, preset)
+        model, config = import_folder(args.folder, preset, overrides=args.set)
     log.info("imported %s as preset %s (%s)", args.hub or args.folder, config.preset, config.diffusion.variance)
     with tempfile.TemporaryDirectory(prefix="ddpm-import-") as scratch:
         folder = save_model_folder(Path(args.out) if args.out else Path(scratch), model, config)

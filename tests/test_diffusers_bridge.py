@@ -126,6 +126,65 @@ def legacy_folder(theirs, folder, *, safetensors_too=False):
     return folder
 
 
+# google/ddpm-cifar10-32's scheduler_config.json and model_index.json, as released.
+RELEASED_SCHEDULER = {"_class_name": "DDPMScheduler", "_diffusers_version": "0.1.1", "beta_end": 0.02,
+                      "beta_schedule": "linear", "beta_start": 0.0001, "clip_sample": True,
+                      "num_train_timesteps": 1000, "trained_betas": None, "variance_type": "fixed_large"}
+RELEASED_INDEX = {"_class_name": "DDPMPipeline", "_diffusers_version": "0.1.1",
+                  "scheduler": ["diffusers", "DDPMScheduler"], "unet": ["diffusers", "UNet2DModel"]}
+
+
+def released_repo(theirs, folder, *, safetensors_too=False):
+    """A repo as the google/ddpm-* models are released: flat (config.json, the weights, model_index.json and
+    scheduler_config.json side by side), the old conversion's weights (`legacy_folder`), no dropout key."""
+    legacy_folder(theirs, folder, safetensors_too=safetensors_too)
+    config = json.loads((folder / "config.json").read_text())
+    del config["dropout"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "scheduler_config.json").write_text(json.dumps(RELEASED_SCHEDULER))
+    (folder / "model_index.json").write_text(json.dumps(RELEASED_INDEX))
+    return folder
+
+
+def edit_scheduler(folder, **change):
+    (folder / "scheduler_config.json").write_text(json.dumps({**RELEASED_SCHEDULER, **change}))
+
+
+def test_a_flat_released_repo_has_its_scheduler_config_read(tmp_path, caplog):
+    repo = released_repo(random_diffusers_unet("tiny", seed=4), tmp_path / "ddpm-tiny-16")
+    _, config = import_folder(repo)
+    assert config.preset == "tiny" and config.diffusion == get_preset("tiny").diffusion
+    edit_scheduler(repo, num_train_timesteps=4000, beta_end=0.01)
+    _, config = import_folder(repo)
+    assert (config.diffusion.timesteps, config.diffusion.beta_end) == (4000, 0.01)
+    edit_scheduler(repo, variance_type="fixed_small")  # the variance cross-check
+    with caplog.at_level("WARNING"):
+        assert import_folder(repo, "tiny")[1].diffusion.variance == "fixedlarge"
+    assert "its scheduler says fixedsmall, preset tiny uses fixedlarge (the preset wins)" in caplog.text
+    with pytest.raises(BridgeError, match="no preset has this architecture"):
+        import_folder(repo)
+    edit_scheduler(repo, prediction_type="v_prediction")
+    with pytest.raises(BridgeError, match=f"{repo / 'scheduler_config.json'}: prediction_type=\"v_prediction\""):
+        import_folder(repo)
+
+
+def test_an_imported_model_keeps_its_presets_dropout_unless_set(tmp_path):
+    from pipelines.cli import main as ddpm
+
+    repo = released_repo(random_diffusers_unet("cifar10", seed=6), tmp_path / "ddpm-cifar10-32")
+    model, config = import_folder(repo)
+    assert "dropout" not in json.loads((repo / "config.json").read_text())  # as released: it would read as 0.0
+    assert config.preset == "cifar10" and config.model.dropout == 0.1 == get_preset("cifar10").model.dropout
+    assert {m.p for m in model.modules() if isinstance(m, torch.nn.Dropout)} == {0.1}
+    _, config = import_folder(repo, overrides=["model.dropout=0.2", "train.lr=1e-4"])
+    assert (config.model.dropout, config.train.lr, config.train.batch_size) == (0.2, 1e-4, 128)
+    with pytest.raises(BridgeError, match=r"--set model.ch=64: the architecture is .*ddpm-cifar10-32's"):
+        import_folder(repo, overrides=["model.ch=64"])
+    assert ddpm(["convert", "import", "--folder", str(repo), "--set", "model.dropout=0.3",
+                 "--out", str(tmp_path / "m")]) == 0
+    assert json.loads((tmp_path / "m" / "config.json").read_text())["model"]["dropout"] == 0.3
+
+
 def test_the_released_legacy_layout_imports_to_what_diffusers_itself_loads(tmp_path):
     theirs = random_diffusers_unet("tiny", seed=7)
     legacy = legacy_folder(theirs, tmp_path / "ddpm-legacy")

@@ -16,7 +16,7 @@ import torch
 from ddpm_core.checkpoint import verify_model_folder
 from ddpm_core.diffusers_bridge import import_folder
 from tests.hub_server import HubServer
-from tests.test_diffusers_bridge import legacy_folder, random_diffusers_unet
+from tests.test_diffusers_bridge import legacy_folder, random_diffusers_unet, released_repo
 
 pytest.importorskip("huggingface_hub")
 ROOT = Path(__file__).resolve().parents[1]
@@ -44,12 +44,12 @@ def run(args, tmp_path, hub, **env):
 
 def test_hub_import_pins_the_revision_prefers_safetensors_and_then_works_offline_from_the_cache(tmp_path):
     theirs, old = random_diffusers_unet("tiny", seed=21), random_diffusers_unet("tiny", seed=22)
-    modern = tmp_path / "repos" / "tiny"
-    theirs.save_pretrained(modern / "unet")  # a pipeline repo holding both files, as the released ones do
-    legacy_folder(old, modern / "old")
-    (modern / "unet" / "diffusion_pytorch_model.bin").write_bytes((modern / "old" / "diffusion_pytorch_model.bin")
-                                                                   .read_bytes())
-    legacy = legacy_folder(old, tmp_path / "repos" / "legacy")  # a bare UNet2DModel repo with only the .bin
+    # Flat repos, as released: one holding both weight files (other weights in the .bin, so that the file read
+    # shows), one only the .bin of the first uploads.
+    modern = released_repo(theirs, tmp_path / "repos" / "tiny", safetensors_too=True)
+    (modern / "diffusion_pytorch_model.bin").write_bytes(
+        (legacy_folder(old, tmp_path / "old") / "diffusion_pytorch_model.bin").read_bytes())
+    legacy = released_repo(old, tmp_path / "repos" / "legacy")
     with HubServer({"google/ddpm-tiny-16": modern, "google/ddpm-legacy-16": legacy}) as hub:
         imports = [["--hub", "google/ddpm-tiny-16", "--revision", "main", "--out", str(tmp_path / "tiny")],
                    ["--hub", "google/ddpm-legacy-16", "--out", str(tmp_path / "legacy")],
@@ -58,10 +58,11 @@ def test_hub_import_pins_the_revision_prefers_safetensors_and_then_works_offline
         assert done.returncode == 2, done.stderr
         assert "cannot download google/ddpm-tiny-16@v9 from the Hub" in done.stderr
         fetched = {r.split()[1] for r in hub.requests if r.startswith("GET") and "/resolve/" in r}
-        assert fetched == {f"/google/ddpm-tiny-16/resolve/{hub.commit}/unet/{name}"
-                           for name in ("config.json", "diffusion_pytorch_model.safetensors")} | {
+        configs = ("config.json", "model_index.json", "scheduler_config.json")
+        assert fetched == {f"/google/ddpm-tiny-16/resolve/{hub.commit}/{name}"
+                           for name in (*configs, "diffusion_pytorch_model.safetensors")} | {
                            f"/google/ddpm-legacy-16/resolve/{hub.commit}/{name}"
-                           for name in ("config.json", "diffusion_pytorch_model.bin")}
+                           for name in (*configs, "diffusion_pytorch_model.bin")}
         for folder, unet in ((tmp_path / "tiny", theirs), (tmp_path / "legacy", old)):
             verify_model_folder(folder)
             ours, config = import_folder(tmp_path / "repos" / folder.name)  # the same files, read locally
@@ -75,5 +76,6 @@ def test_hub_import_pins_the_revision_prefers_safetensors_and_then_works_offline
         assert len(hub.requests) == before  # nothing asked of the server
     pinned, main = json.loads(offline.stdout.splitlines()[0])
     assert pinned == main and Path(pinned).name == hub.commit
-    assert (Path(pinned) / "unet" / "diffusion_pytorch_model.safetensors").is_file()
+    assert (Path(pinned) / "diffusion_pytorch_model.safetensors").is_file()
+    assert (Path(pinned) / "scheduler_config.json").is_file()
     assert "cannot download google/ddpm-never-fetched@main from the Hub" in offline.stdout

@@ -7,7 +7,7 @@ import torch.nn.functional as F
 
 from ddpm_core.model_stats import count_parameters, forward_flops
 from ddpm_core.presets import PRESETS, get_preset
-from ddpm_core.unet import AttnBlock, ResnetBlock, UNet, timestep_embedding, timestep_frequencies
+from ddpm_core.unet import AttnBlock, ResnetBlock, UNet, attention, timestep_embedding, timestep_frequencies
 
 
 def meta_unet(preset: str) -> UNet:
@@ -161,6 +161,23 @@ def test_bf16_attention_on_cpu_matches_fp32_values_and_gradients():
     assert "aten::scaled_dot_product_attention" in attention_ops(block, x, bf16=False)
     bf16_ops = attention_ops(block, x, bf16=True)
     assert "aten::scaled_dot_product_attention" not in bf16_ops and "aten::bmm" in bf16_ops
+
+
+@pytest.mark.parametrize("offset", [25, 100, 200])
+def test_cpu_bf16_attention_survives_a_large_per_row_logit_offset(offset):
+    # q and k share a component, so every logit of row i carries the offset q_i·mean(k) (≈ `offset`); stored as
+    # bf16 logits that offset costs their last bits (5–23 % output error uncentred). The inputs are bf16 already,
+    # so the error measured here is the attention's arithmetic alone.
+    channels = 32
+    shift = (offset / channels**0.5) ** 0.5
+    g = torch.Generator().manual_seed(1)
+    q, k, v = (torch.randn(4, 64, channels, generator=g) for _ in range(3))
+    q, k, v = (q + shift).bfloat16(), (k + shift).bfloat16(), v.bfloat16()
+    row_offset = (q.double() @ k.double().mean(1).unsqueeze(-1)).squeeze(-1) * channels**-0.5
+    assert offset * 0.9 < row_offset.mean().item() < offset * 1.1
+    exact = attention(q.double(), k.double(), v.double())
+    got = attention(q, k, v).double()
+    assert (got - exact).norm() / exact.norm() < 0.02
 
 
 def attention_ops(block: AttnBlock, x: torch.Tensor, bf16: bool) -> set[str]:
