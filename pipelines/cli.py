@@ -12,7 +12,7 @@ import sys
 
 from ddpm_core.model_stats import preset_summary
 from ddpm_core.presets import PRESETS
-from pipelines import convert, fid_reference, paper_figures, sample_fid, schedule_sampling, shard, train
+from pipelines import calibrate, convert, fid_reference, paper_figures, sample_fid, schedule_sampling, shard, train
 from pipelines.job_runner import run_job
 
 TABLE_COLUMNS = (
@@ -104,6 +104,9 @@ COMMANDS = (
     ("schedule", "score every new model version by FID on the cluster; promote the best to champion",
      "Run the scheduler (pipelines/schedule_sampling.py) on a cron expression, or --once.",
      schedule_sampling.add_arguments, schedule_sampling.run),
+    ("calibrate", "does a cheap evaluation spec rank models as DDPM-1000 does? (Spearman rho, cost, champion)",
+     "Run pipelines/calibrate.py: score --models under --expensive and each --cheap spec; a table and a plot.",
+     calibrate.add_arguments, calibrate.run),
     ("convert", "diffusers folders in (and registered) or out",
      "Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).", convert.add_arguments, convert.run),
     ("fetch-weights", "download the FID Inception weights into the cache, verified by sha256",

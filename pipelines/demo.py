@@ -135,7 +135,8 @@ def scoring_network(data: Path) -> tuple[str | None, str, str, Path]:
     pseudo-FID. The demo downloads nothing (`ddpm fetch-weights` fetches them once, beforehand)."""
     os.environ.setdefault(DOWNLOAD_ENV, "0")
     try:
-        return str(find_weights()), "inception", "fid", data / "fid_stats.npz"
+        # A few hundred DDIM samples: never the paper's protocol, so its score is a spec_fid, not an FID.
+        return str(find_weights()), "inception", "spec_fid", data / "fid_stats.npz"
     except InceptionWeightsError:
         return None, "random-init", "pseudo_fid", data / "fid_stats_pseudo.npz"
 

@@ -27,24 +27,74 @@ from ddpm_core.sampling import SAMPLERS, SPEC_DEFAULTS, SamplesError, SampleSpec
 PUBLISHED_N = 50000  # samples per published FID
 # Settings added after the first specs and results were recorded, with the value those meant.
 ADDED_FIELDS = {key: SPEC_DEFAULTS[key] for key in ("spacing", "clip")}
-FID_LABELS = ("fid", "pseudo_fid")  # with the verified FID network; with its random-init variant (never an FID)
+# What a Fréchet distance is called: "fid" only under the paper's protocol (`EvaluationResult.is_paper_protocol`);
+# "spec_fid" with the FID network under any other spec (its metric and tag names say the sampler, steps and N);
+# "pseudo_fid" with the random-init network (never an FID).
+FID_LABELS = ("fid", "spec_fid", "pseudo_fid")
 
 
-def add_sampler_arguments(parser: argparse.ArgumentParser, features_default: str = "inception") -> None:
-    """What `ddpm sample`, `ddpm fid` and `ddpm schedule` sample and score with, and how a batch runs."""
-    parser.add_argument("--num", type=int, default=PUBLISHED_N,
-                        help=f"number of samples N (default {PUBLISHED_N}, as published FIDs)")
-    parser.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid, clean-fid, ADM)")
-    parser.add_argument("--sampler", choices=SAMPLERS, default="ddpm",
-                        help="ddpm: Algorithm 2, all T steps; ddim; dpmpp_2m: DPM-Solver++(2M); unipc: UniPC-2 "
-                             "(README: the quality-vs-cost table)")
-    parser.add_argument("--steps", type=int, default=50, help="network evaluations of ddim, dpmpp_2m and unipc "
-                                                              "(ddpm always uses all T)")
-    parser.add_argument("--spacing", choices=SPACINGS, default="linspace",
+@dataclass(frozen=True)
+class SamplerSetting:
+    """A sampler and where its steps lie: what the sampler flags default to in a command."""
+
+    sampler: str
+    steps: int
+    spacing: str
+    eta: float = 0.0
+
+    @property
+    def name(self) -> str:
+        """e.g. dpmpp_2m-20-trailing, ddim-50-trailing-eta1, ddpm (all T steps)."""
+        if self.sampler == "ddpm":
+            return "ddpm"
+        return f"{self.sampler}-{self.steps}-{self.spacing}" + (f"-eta{self.eta:g}" if self.eta else "")
+
+    def flags(self) -> list[str]:
+        return ["--sampler", self.sampler, "--steps", str(self.steps), "--spacing", self.spacing, "--eta",
+                f"{self.eta:g}"]
+
+    @classmethod
+    def parse(cls, text: str) -> SamplerSetting:
+        """SAMPLER[:STEPS[:SPACING[:ETA]]], e.g. `dpmpp_2m:20`, `ddim:50:trailing:1`, `ddpm`; the spacing
+        defaults to the routine one's."""
+        parts = text.split(":")
+        try:
+            sampler, steps = parts[0], int(parts[1]) if len(parts) > 1 else PAPER_SAMPLER.steps
+            spacing = parts[2] if len(parts) > 2 else ROUTINE_SAMPLER.spacing
+            eta = float(parts[3]) if len(parts) > 3 else 0.0
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not SAMPLER[:STEPS[:SPACING[:ETA]]]") from None
+        if sampler not in SAMPLERS or spacing not in SPACINGS or len(parts) > 4 or steps < 1 or eta < 0:
+            raise argparse.ArgumentTypeError(f"{text!r}: the sampler is one of {', '.join(SAMPLERS)}, the spacing "
+                                             f"one of {', '.join(SPACINGS)}, steps >= 1, eta >= 0")
+        return PAPER_SAMPLER if sampler == "ddpm" else cls(sampler, steps, spacing, eta)
+
+
+# The numbers of record: Algorithm 2, all T steps (`ddpm sample`, `ddpm fid`); --steps 50 for a sampler chosen.
+PAPER_SAMPLER = SamplerSetting("ddpm", 50, "linspace")
+# The routine evaluation (`ddpm schedule`, its CronJob, the README): a deterministic solver at 20 evaluations,
+# ~50x cheaper than DDPM-1000. Published evidence for the paper's own model ranks deterministic few-step
+# sampling above stochastic (DDIM paper, Table 1: at 50 steps eta 0 gives FID 4.67, eta 1 gives 8.01); a
+# calibration on your own run (`ddpm calibrate`) says whether it ranks your versions as DDPM-1000 does.
+ROUTINE_SAMPLER = SamplerSetting("dpmpp_2m", 20, "trailing")
+
+
+def add_sampler_arguments(parser: argparse.ArgumentParser, features_default: str = "inception",
+                          defaults: SamplerSetting = PAPER_SAMPLER) -> None:
+    """What `ddpm sample`, `ddpm fid` and `ddpm schedule` sample and score with, and how a batch runs;
+    `defaults`: the sampler the command uses unless told (the paper's, or the routine one for the scheduler)."""
+    add_sample_set_arguments(parser, features_default)
+    parser.add_argument("--sampler", choices=SAMPLERS, default=defaults.sampler,
+                        help=f"ddpm: Algorithm 2, all T steps; ddim; dpmpp_2m: DPM-Solver++(2M); unipc: UniPC-2 "
+                             f"(default {defaults.sampler}; docs: the quality-vs-cost table)")
+    parser.add_argument("--steps", type=int, default=defaults.steps,
+                        help=f"network evaluations of ddim, dpmpp_2m and unipc (ddpm always uses all T; "
+                             f"default {defaults.steps})")
+    parser.add_argument("--spacing", choices=SPACINGS, default=defaults.spacing,
                         help="where those steps lie in 0..T-1 (ddpm: every step). linspace: both ends, DDIM's "
                              "timesteps here so far; leading: diffusers' default; trailing: starts at T-1; "
                              "quadratic: DDIM's CIFAR-10 choice")
-    parser.add_argument("--eta", type=float, default=0.0, help="DDIM eta (the solvers are deterministic)")
+    parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (the solvers are deterministic)")
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                         help="clip x̂0 to [-1, 1] at every step (default: the model's clip_denoised, on for every "
                              "preset, as the paper; the scheduler records it as on). Recorded in samples.json")
@@ -53,6 +103,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, features_default: str
                              "when scoring (paper parity; bench/sampler_table.py shows what bf16 moves); samples "
                              "only: on with --gpu and on CPUs with native bf16 (AVX512-BF16, AMX, Arm BF16). "
                              "Recorded in samples.json")
+
+
+def add_sample_set_arguments(parser: argparse.ArgumentParser, features_default: str = "inception") -> None:
+    """Of every sample set, whatever its sampler: N, reference, seed, features, and how a batch runs."""
+    parser.add_argument("--num", type=int, default=PUBLISHED_N,
+                        help=f"number of samples N (default {PUBLISHED_N}, as published FIDs)")
+    parser.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid, clean-fid, ADM)")
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses (seed, i)")
     parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
     parser.add_argument("--features", choices=FEATURES, default=features_default,
@@ -135,9 +192,12 @@ class EvaluationResult:
     reference: str | None
     reference_sha256: str | None
     fid: float | None = None
+    spec_fid: float | None = None
     pseudo_fid: float | None = None
     inception_score: float | None = None
     inception_score_std: float | None = None
+    spec_inception_score: float | None = None
+    spec_inception_score_std: float | None = None
     pseudo_inception_score: float | None = None
     pseudo_inception_score_std: float | None = None
 
@@ -150,15 +210,34 @@ class EvaluationResult:
                    spec.seed, spec.num, spec.bf16, features, inception_weights_sha256, reference, reference_sha256)
 
     @property
+    def is_paper_protocol(self) -> bool:
+        """Made and scored as the paper's numbers (§4, Table 1): Algorithm 2 over all T steps, x̂0 clipped, fp32,
+        N >= 50k, the verified FID network. Only such a score is called FID and set beside published ones."""
+        return (self.sampler == "ddpm" and self.clip and not self.bf16 and self.num >= PUBLISHED_N
+                and self.features == "inception" and self.inception_weights_sha256 in accepted_weights())
+
+    @property
+    def prefix(self) -> str:
+        """Of its score fields: "" under the paper's protocol, "spec_" with the FID network otherwise, "pseudo_"
+        with the random-init network."""
+        return "pseudo_" if self.features != "inception" else "" if self.is_paper_protocol else "spec_"
+
+    @property
     def label(self) -> str:
-        """The name its Fréchet distance goes by: an FID only with the FID network."""
-        return "fid" if self.features == "inception" else "pseudo_fid"
+        """The field its Fréchet distance goes by (FID_LABELS)."""
+        return f"{self.prefix}fid"
 
     def scored(self, fid: float | None, inception_score: tuple[float, float]) -> EvaluationResult:
         """With its scores: the Fréchet distance (None without a reference) and the Inception Score (mean, std)."""
-        prefix = "" if self.features == "inception" else "pseudo_"
-        return replace(self, **{self.label: fid, f"{prefix}inception_score": inception_score[0],
-                                f"{prefix}inception_score_std": inception_score[1]})
+        return replace(self, **{self.label: fid, f"{self.prefix}inception_score": inception_score[0],
+                                f"{self.prefix}inception_score_std": inception_score[1]})
+
+    def metrics(self) -> dict[str, float]:
+        """Its scores under the names MLflow shows: a spec_ score is named after its sampler, steps and N
+        (`fid_dpmpp_2m20_n50000`), so that it is never read as a paper number."""
+        setting = f"_{self.sampler}{self.steps}_n{self.num}"
+        return {key.removeprefix("spec_") + setting if key.startswith("spec_") else key: value
+                for key, value in self.scores().items()}
 
     def scores(self) -> dict[str, float]:
         return {key: value for key, value in asdict(self).items() if key in SCORES and value is not None}
@@ -176,8 +255,15 @@ class EvaluationResult:
     @classmethod
     def from_json(cls, data: dict) -> EvaluationResult:
         """A parsed fid.json, as found: a setting written before it was recorded reads as the value it meant, any
-        other missing field as None (values are not converted: `check_result` judges them)."""
-        return cls(**{f.name: data.get(f.name, ADDED_FIELDS.get(f.name)) for f in fields(cls)})
+        other missing field as None (values are not converted: `check_result` judges them). Files written before
+        the spec_ scores called every score with the FID network "fid": outside the paper's protocol, it is read
+        as the spec_ score it is."""
+        found = cls(**{f.name: data.get(f.name, ADDED_FIELDS.get(f.name)) for f in fields(cls)})
+        if found.prefix != "spec_":
+            return found
+        unprefixed = ("fid", "inception_score", "inception_score_std")
+        moved = {f"spec_{key}": getattr(found, key) for key in unprefixed if getattr(found, key) is not None}
+        return replace(found, **moved, **{key: None for key in unprefixed})
 
     @classmethod
     def parse(cls, data: bytes, name: str) -> EvaluationResult:
@@ -270,8 +356,10 @@ def check_result(result: EvaluationResult | dict, model: str, spec: EvalSpec,
 
 
 def verified_fid(result: EvaluationResult | dict) -> float | None:
-    """The FID of a checked result, if it was computed with verified Inception weights (never a pseudo-FID)."""
+    """The Fréchet distance of a checked result with verified Inception weights (its fid, or its spec_fid: one
+    spec's records are ranked among themselves); never a pseudo-FID."""
     found = _as_result(result)
-    if found.fid is None or found.inception_weights_sha256 not in accepted_weights():
+    score = found.fid if found.fid is not None else found.spec_fid
+    if score is None or found.inception_weights_sha256 not in accepted_weights():
         return None
-    return float(found.fid)
+    return float(score)

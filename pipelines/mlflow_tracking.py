@@ -3,6 +3,7 @@ training run's metrics from rank 0, and the evaluation runs. Every run and run-n
 
 from __future__ import annotations
 
+import io
 import logging
 import os
 import time
@@ -12,9 +13,10 @@ from urllib.parse import urlparse, urlunparse
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric
+from mlflow.entities import Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
+from PIL import Image
 
 from ddpm_core.errors import UserError, first_line
 
@@ -24,6 +26,7 @@ REPLACED_BY_TAG = "ddpm.replaced_by"
 CHECKPOINT_DIR_TAG = "ddpm.checkpoint_dir"  # the run's folder under --storage, where Ray Train resumes from
 EVALUATION_KIND = {"ddpm.kind": "evaluation"}  # the tag of every evaluation run
 EVALUATION_EXPERIMENT = "ddpm-evaluations"  # for a model that no training run of this store made
+CALIBRATION_EXPERIMENT = "ddpm-calibrations"
 IMPORT_EXPERIMENT = "ddpm-imports"
 MLFLOW_BATCH_METRICS = 1000  # the most metrics MLflow takes in one log_batch
 # Workers try an MLflow request once, for at most 10 s (MLflow's defaults: 7 retries over minutes, 120 s each):
@@ -249,21 +252,41 @@ class TrainingRun:
         self.client.set_terminated(self.run_id, "FAILED")
 
 
-def log_evaluation(client: MlflowClient, tracking_uri: str, result: dict, training_run_id: str | None,
-                   grid: np.ndarray) -> None:
-    """An evaluation run: the result's settings as params, its scores as metrics, a grid of the first samples
-    and the result itself; in the experiment of the training run that made the model, if there is one."""
+def log_evaluation(client: MlflowClient, tracking_uri: str, result: dict, metrics: dict[str, float],
+                   training_run_id: str | None, grid: np.ndarray) -> None:
+    """An evaluation run: the result's settings as params, its scores as `metrics` (named by
+    EvaluationResult.metrics), a grid of the first samples and the result itself; in the experiment of the
+    training run that made the model, if there is one."""
     experiment = client.get_run(training_run_id).info.experiment_id if training_run_id else None
     if experiment is None:
         experiment = experiment_id(client, EVALUATION_EXPERIMENT, tracking_uri)
-    metrics = {k: v for k, v in result.items() if isinstance(v, float) and k != "eta"}
-    params = {k: v for k, v in result.items() if k not in metrics}
+    params = {k: v for k, v in result.items() if not (isinstance(v, float) and k != "eta")}
     with mlflow.start_run(experiment_id=experiment, run_name=f"eval-{result['sampler']}-{result['num']}",
                           tags=EVALUATION_KIND):
         mlflow.log_params(params)
         mlflow.log_metrics(metrics)
         mlflow.log_image(grid, "samples_first_64.png")
         mlflow.log_dict(result, "fid.json")
+
+
+def log_calibration(tracking_flag: str | None, report: dict, table: str, plot: bytes) -> str:
+    """A calibration run (pipelines/calibrate.py): per cheap spec its Spearman rho and cost ratio as metrics,
+    the table, the plot and the report as artifacts. Returns the run id."""
+    uri = resolve_tracking_uri(tracking_flag)
+    client = connect(uri)
+    run = client.create_run(experiment_id(client, CALIBRATION_EXPERIMENT, uri),
+                            run_name=f"calibrate-{'-'.join(row['spec'] for row in report['specs'])}-vs-"
+                                     f"{report['expensive']}",
+                            tags={"ddpm.kind": "calibration"})
+    metrics = {f"{kind}_{row['spec']}": row[kind] for row in report["specs"] for kind in ("spearman", "cost_ratio")}
+    stamp = int(time.time() * 1000)
+    client.log_batch(run.info.run_id, metrics=[Metric(key, float(value), stamp, 0) for key, value in metrics.items()],
+                     params=[Param("expensive", report["expensive"]), Param("models", str(len(report["models"])))])
+    client.log_text(run.info.run_id, table, "calibration.md")
+    client.log_dict(run.info.run_id, report, "calibration.json")
+    client.log_image(run.info.run_id, np.asarray(Image.open(io.BytesIO(plot)).convert("RGB")), "calibration.png")
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
 
 
 def import_run(client: MlflowClient, tracking_uri: str, preset: str, tags: dict) -> str:

@@ -35,6 +35,7 @@ from ddpm_core.storage import StorageError, read_uri
 from pipelines import scheduler_decisions as decisions
 from pipelines.cron import Cron
 from pipelines.evaluation import (
+    ROUTINE_SAMPLER,
     EvalSpec,
     EvaluationResult,
     InvalidResult,
@@ -223,7 +224,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     when.add_argument("--once", action="store_true", help="one tick, then exit (for an external cron)")
     when.add_argument("--cron", metavar="EXPR", help="run a tick at every match of this 5-field cron expression (UTC)")
     parser.add_argument("--out-root", required=True, help="evaluations go to <out-root>/<model>/v<version>-<spec>")
-    add_sampler_arguments(parser)
+    add_sampler_arguments(parser, defaults=ROUTINE_SAMPLER)
     parser.add_argument("--max-attempts", type=int, default=3, help="failed batches per version before giving up")
     parser.add_argument("--wait-timeout", type=float, default=6 * 3600,
                         help="seconds a tick waits for its batches; later ticks pick up what still runs")

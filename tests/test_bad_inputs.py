@@ -125,6 +125,10 @@ CASES = {
                                       "nowhere"),
     "convert register: unreachable MLflow": (["convert", "register", "--model", R + "/checkpoint",
                                               "--tracking-uri", "http://127.0.0.1:9"], "cannot reach"),
+    # calibrate
+    "calibrate: one model twice": (["calibrate", "--models", R + "/checkpoint", R + "/checkpoint", R + "/empty",
+                                    "--out", R + "/cal", "--ref", R + "/small.npz"], "at least 3 different models"),
+    "calibrate: no --ref": (["calibrate", "--models", "a", "b", "c", "--out", R + "/cal"], "give --ref"),
     # schedule
     "schedule: bad cron": (["schedule", "--model-name", "ddpm-tiny", "--cron", "61 * * * *", "--out-root",
                             R + "/eval", *SQL], "minute field"),

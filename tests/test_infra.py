@@ -291,6 +291,26 @@ def test_jobs_target_the_raycluster_with_the_token():
     assert config_map()["RAY_AUTH_MODE"] == "token"
 
 
+def test_the_cronjob_the_cli_and_the_readme_evaluate_with_the_one_routine_sampler():
+    from pipelines.cli import build_parser
+    from pipelines.evaluation import PAPER_SAMPLER, ROUTINE_SAMPLER, EvalSpec, SamplerSetting
+
+    (scheduler,) = containers(the("CronJob"))
+    argv = scheduler["command"]
+    assert argv[:2] == ["ddpm", "schedule"]
+    cron = EvalSpec.from_arguments(build_parser().parse_args(argv[1:]), None)
+    cli = EvalSpec.from_arguments(build_parser().parse_args(["schedule", "--model-name", "m", "--once",
+                                                              "--out-root", "o"]), None)
+    routine = SamplerSetting(cron.sampler, cron.steps, cron.spacing, cron.eta)
+    assert routine == SamplerSetting(cli.sampler, cli.steps, cli.spacing, cli.eta) == ROUTINE_SAMPLER
+    assert ROUTINE_SAMPLER.sampler in ("dpmpp_2m", "unipc") and ROUTINE_SAMPLER.steps <= 25  # deterministic, cheap
+    assert (cron.bf16, cron.clip, cron.num) == (False, True, 50000)
+    assert " ".join(ROUTINE_SAMPLER.flags()) in (REPO / "README.md").read_text()
+    # `ddpm fid` keeps the paper's sampler: its numbers are the ones of record.
+    fid = build_parser().parse_args(["fid", "--model", "m", "--out", "o"])
+    assert (fid.sampler, fid.num) == (PAPER_SAMPLER.sampler, 50000) == ("ddpm", 50000)
+
+
 def test_mlflow_server_and_its_clients_agree():
     from mlflow.cli import server
 

@@ -74,8 +74,8 @@ def test_only_checked_results_of_the_same_spec_and_verified_weights_count(monkey
                              ({"bf16": True}, "its bf16 is True"),
                              ({"reference_sha256": "ab" * 32}, "its reference_sha256"),  # another reference file
                              ({"model_weights_sha256": "ff" * 32}, "other weights"),
-                             ({"fid": float("nan")}, "its fid is nan, not a finite number"),
-                             ({"fid": "12.5"}, "its fid is '12.5'")):
+                             ({"fid": float("nan")}, "its spec_fid is nan, not a finite number"),
+                             ({"fid": "12.5"}, "its spec_fid is '12.5'")):
         with pytest.raises(InvalidResult, match=re.escape(message)):
             check_result({**result, **changed}, "models:/m/3", SPEC, "ee" * 32)
     other_reference = EvalSpec(**{**SPEC.__dict__, "reference_sha256": "ab" * 32})
@@ -161,8 +161,9 @@ def test_two_new_versions_two_batches_one_promotion_then_nothing(world):
         assert result["inception_weights_sha256"] == sha256_file(world["weights"])
         assert result["model"] == f"models:/ddpm-tiny/{version}" and result["num"] == 16
         assert result["model_weights_sha256"] == tags(world, version)["ddpm.weights_sha256"]
-        fids[version] = float(t["fid"])
-        assert fids[version] == pytest.approx(result["fid"], abs=1e-9) and fids[version] > 0
+        fids[version] = float(t["spec_fid"])  # DDIM-4, N=16: never called FID
+        assert fids[version] == pytest.approx(result["spec_fid"], abs=1e-9) and fids[version] > 0
+        assert "fid" not in result
         assert eval_jobs(world, version) == [submission_id("ddpm-tiny", version, planner.spec, 1)]
         assert world["jobs"].get_job_info(t["job"]).metadata == {  # what vouches for the record
             "ddpm.model": "ddpm-tiny", "ddpm.version": str(version), "ddpm.spec": planner.spec.digest,
@@ -200,7 +201,7 @@ def test_a_failed_batch_is_reported_not_promoted_and_retried_next_tick(world):
     retry = submission_id("ddpm-tiny", version, planner.spec, 2)
     assert report.submitted == [retry] and tags(world, version, planner.spec)["status"] == "succeeded"
     assert eval_jobs(world, version) == sorted([submission_id("ddpm-tiny", version, planner.spec, 1), retry])
-    scored = {v: float(tags(world, v, planner.spec)["fid"]) for v in range(1, version + 1)}
+    scored = {v: float(tags(world, v, planner.spec)["spec_fid"]) for v in range(1, version + 1)}
     assert champion(world) == min(scored, key=scored.get)
     assert tags(world, version, planner.spec, "promotion")["decision"].startswith(
         "promoted" if champion(world) == version else "not promoted: FID")
@@ -261,8 +262,8 @@ def test_only_the_owning_scheduler_moves_champion_and_a_hand_over_is_explicit(wo
         assert schedule_main(other) == 0 and champion(world) == before
         note = f"spec {first.digest} owns champion (--take-over-champion hands it to this spec)"
         assert tags(world, version, other_spec, "promotion")["decision"] == (
-            f"recorded only (FID {float(tags(world, version, other_spec)['fid']):.4f}; champion v{before} has no FID "
-            f"under this spec): {note}")
+            f"recorded only (FID {float(tags(world, version, other_spec)['spec_fid']):.4f}; champion v{before} has no "
+            f"FID under this spec): {note}")
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
         assert sum(f"v{version} would be champion (FID " in w and f"but is recorded only: {note}" in w
                    for w in warnings) == 1, warnings
@@ -307,7 +308,7 @@ def forge(world, version: int, spec: EvalSpec, record: dict, status: str = "succ
     out.mkdir(parents=True, exist_ok=True)
     (out / "fid.json").write_text(json.dumps(record))
     digest = hashlib.sha256((out / "fid.json").read_bytes()).hexdigest()
-    for key, value in {"result_sha256": digest, "fid": record.get("fid", ""), "status": status}.items():
+    for key, value in {"result_sha256": digest, "spec_fid": record.get("spec_fid", ""), "status": status}.items():
         world["client"].set_model_version_tag("ddpm-tiny", str(version), f"ddpm.eval.{spec.digest}.{key}", str(value))
 
 
@@ -325,10 +326,10 @@ def test_written_tags_and_forged_or_bad_records_never_promote_and_never_stop_a_t
                        f"ddpm.eval.{planner.spec.digest}.status": "succeeded",
                        f"ddpm.eval.{planner.spec.digest}.fid": "0.001"}.items():
         client.set_model_version_tag("ddpm-tiny", str(by_hand), key, value)
-    forge(world, copied, planner.spec, {**real, "fid": 0.001})  # the champion's record, another version's tags
+    forge(world, copied, planner.spec, {**real, "spec_fid": 0.001})  # the champion's record, another version's tags
     weights = tags(world, nan)["ddpm.weights_sha256"]
     forge(world, nan, planner.spec, {**real, "model": f"models:/ddpm-tiny/{nan}", "model_weights_sha256": weights,
-                                     "fid": float("nan")})
+                                     "spec_fid": float("nan")})
     forge(world, bad_counter, planner.spec, {}, status="gave_up")
     client.set_model_version_tag("ddpm-tiny", str(bad_counter), f"ddpm.eval.{planner.spec.digest}.attempts", "three")
 
@@ -338,16 +339,16 @@ def test_written_tags_and_forged_or_bad_records_never_promote_and_never_stop_a_t
     assert sum(f"v{by_hand}: its evaluation" in w and "no result was recorded" in w for w in warnings) == 1, warnings
     assert sum(f"v{copied}: its evaluation" in w and f"it scores 'models:/ddpm-tiny/{before}'" in w
                for w in warnings) == 1, warnings
-    assert sum(f"v{nan}: its evaluation" in w and "its fid is nan, not a finite number" in w
+    assert sum(f"v{nan}: its evaluation" in w and "its spec_fid is nan, not a finite number" in w
                for w in warnings) == 1, warnings
     assert sum(f"v{bad_counter}: tag ddpm.eval.{planner.spec.digest}.attempts is 'three'" in w
                for w in warnings) == 1, warnings
     # A record changed after the scheduler recorded it no longer counts: here it would have won.
-    loser = next(v for v in range(1, before + 3) if v != before and tags(world, v, planner.spec).get("fid"))
+    loser = next(v for v in range(1, before + 3) if v != before and tags(world, v, planner.spec).get("spec_fid"))
     record = world["root"] / "evaluations" / "ddpm-tiny" / f"v{loser}-{planner.spec.digest}" / "fid.json"
     saved = record.read_bytes()
     try:
-        record.write_text(json.dumps({**json.loads(saved), "fid": 1e-6}))
+        record.write_text(json.dumps({**json.loads(saved), "spec_fid": 1e-6}))
         caplog.clear()
         assert planner.tick(poll=1).promoted is None
         assert sum(f"v{loser}: its evaluation" in r.getMessage() and "changed after it was recorded" in r.getMessage()
