@@ -7,8 +7,9 @@
    or, with --released, takes a model folder (`ddpm convert import --out`) instead.
 2. Samples --num images with DDPM-1000 (Algorithm 2, the reference) and with every sampler × {10, 20, 50}
    steps from the same per-image seeds, in fp32, and the 20-step ones again in bf16.
-3. For each: the pseudo-FID (Fréchet distance of the features: `pixels`, or the seeded random-init
-   Inception) against the training images, or against the DDPM-1000 samples with --released; the same
+3. For each: the Fréchet distance of the features (`pixels`: a toy metric, not an FID; the seeded
+   random-init Inception; or the FID network) against the training images, or with --released against
+   the dataset's statistics (--ref) or the DDPM-1000 samples; the same
    for DDPM-1000; the mean per-image RMS distance (uint8 levels) to the DDPM-1000 image of the same seed
    (which shares x_T; later noise, where a sampler draws any, comes from the same per-image stream) and,
    for the first --ode-num images, to the probability-flow ODE solution (DDIM-1000, η = 0) from the
@@ -32,8 +33,8 @@ import torch  # noqa: E402
 from ddpm_core.checkpoint import load_ema_unet  # noqa: E402
 from ddpm_core.diffusion import SPACINGS, GaussianDiffusion  # noqa: E402
 from ddpm_core.ema import EMA  # noqa: E402
-from ddpm_core.fid import FeatureStats, frechet_distance, image_statistics  # noqa: E402
-from ddpm_core.inception import FIDInception  # noqa: E402
+from ddpm_core.fid import FeatureStats, frechet_distance, image_statistics, load_reference  # noqa: E402
+from ddpm_core.inception import feature_network  # noqa: E402
 from ddpm_core.pixels import to_uint8  # noqa: E402
 from ddpm_core.presets import get_preset  # noqa: E402
 from ddpm_core.sampling import sample_images  # noqa: E402
@@ -81,9 +82,13 @@ def main() -> None:
     parser.add_argument("--steps", type=int, nargs="+", default=[10, 20, 50])
     parser.add_argument("--spacing", choices=SPACINGS, default="trailing")
     parser.add_argument("--batch", type=int, default=256, help="images per forward pass when sampling")
-    parser.add_argument("--features", choices=("pixels", "random-init"), default="pixels",
-                        help="pixels: the Fréchet distance of the pixels in [0, 1]; random-init: of the seeded "
-                             "random-init Inception (the project's pseudo-FID; slow on CPU)")
+    parser.add_argument("--features", choices=("pixels", "random-init", "inception"), default="pixels",
+                        help="pixels: the Fréchet distance of the pixels in [0, 1] (a toy metric, 'pixel FD'); "
+                             "random-init: of the seeded random-init Inception (pseudo-FID; slow on CPU); "
+                             "inception: the FID network (--inception-weights or its usual places)")
+    parser.add_argument("--inception-weights", default=None, help="the FID Inception weights file")
+    parser.add_argument("--ref", default=None, help="with --released: the dataset's reference statistics .npz "
+                                                    "(`ddpm fid-ref`) to score against, instead of DDPM-1000's samples")
     parser.add_argument("--released", default=None, help="a model folder to evaluate instead of training one")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more than one spins on a busy CPU)")
     args = parser.parse_args()
@@ -101,7 +106,7 @@ def main() -> None:
         model = train(config, data, args.train_steps, args.train_batch, args.ema_decay)
         reference_images, origin = to_uint8(data), f"tiny, {args.train_steps} steps on the digits"
     diffusion = GaussianDiffusion.from_config(config.diffusion)
-    inception = FIDInception.random_init(0) if args.features == "random-init" else None
+    inception = None if args.features == "pixels" else feature_network(args.features, args.inception_weights)[0]
 
     def features(images: np.ndarray) -> FeatureStats:
         if inception is None:
@@ -124,8 +129,10 @@ def main() -> None:
     print("sampling DDPM-1000 (the reference) and DDIM-1000 η=0 (the ODE reference)", file=sys.stderr)
     ddpm, ddpm_seconds = sample("ddpm", diffusion.num_timesteps)
     ode = sample("ddim", diffusion.num_timesteps, num=min(args.ode_num, args.num))[0]
-    reference = features(reference_images if reference_images is not None else ddpm)
-    mu_ref, sigma_ref = reference.mean_cov()
+    if args.ref:
+        mu_ref, sigma_ref = load_reference(Path(args.ref).read_bytes(), args.ref)
+    else:
+        mu_ref, sigma_ref = features(reference_images if reference_images is not None else ddpm).mean_cov()
 
     def score(images: np.ndarray) -> float:
         return frechet_distance(*features(images).mean_cov(), mu_ref, sigma_ref)
@@ -142,11 +149,12 @@ def main() -> None:
                 rows.append((name, str(steps), "bf16" if bf16 else "fp32", fid, fid - ddpm_fid, rms(images, ddpm),
                              rms(images[:len(ode)], ode), seconds))
 
-    against = "the training images" if reference_images is not None else "the DDPM-1000 samples"
+    against = args.ref or ("the training images" if reference_images is not None else "the DDPM-1000 samples")
+    metric = {"pixels": "pixel FD", "random-init": "pseudo-FID", "inception": "FID-network FD"}[args.features]
     print(f"\n{origin}; {args.num} samples per row (seeds 0..{args.num - 1}), {args.spacing} spacing, x̂0 clipped; "
-          f"pseudo-FID: Fréchet distance of {args.features} features to {against}; RMS in uint8 levels; "
+          f"{metric}: Fréchet distance of {args.features} features to {against}; RMS in uint8 levels; "
           f"ODE: DDIM-1000 η=0 from the same x_T, first {len(ode)} images.\n")
-    print("| sampler | steps | precision | pseudo-FID | Δ vs DDPM-1000 | RMS to DDPM-1000 | RMS to ODE | "
+    print(f"| sampler | steps | precision | {metric} | Δ vs DDPM-1000 | RMS to DDPM-1000 | RMS to ODE | "
           "s / 1k samples | speed-up |")
     print("|---|---:|---|---:|---:|---:|---:|---:|---:|")
     for name, steps, precision, fid, delta, to_ddpm, to_ode, seconds in rows:
