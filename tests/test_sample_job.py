@@ -288,7 +288,8 @@ def test_each_scoring_node_resolves_the_inception_weights_itself(tmp_path, regis
         assert done.returncode == 0, done.stderr[-3000:]
         record = json.loads((tmp_path / "out" / "fid.json").read_text())
         assert record["inception_weights_sha256"] == digest and record["num"] == 16
-        assert np.isfinite(record["inception_score"])
+        # N=16: not the paper's protocol, so its scores are spec_ scores, never "inception_score" or "fid".
+        assert np.isfinite(record["spec_inception_score"]) and "inception_score" not in record
         assert not (driver_home / "cache").exists()  # the driver looked for nothing
         # A path that no node has: the actor's error comes back as the job's one line, exit 2.
         missing = sample("--inception-weights", "/nowhere/inception.pth")
