@@ -674,6 +674,13 @@ def test_local_stack_up_use_down(monkeypatch):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{exports['RAY_ADDRESS']}/api/version", timeout=30)
         assert refused.value.code == 401
+        # Every server of the stack, Ray's own included, on loopback only.
+        from tests.test_ray_runtime import RAY_SERVERS, listening_sockets, on_loopback
+
+        sockets = [found for pid in pids.values() for found in listening_sockets(pid)]
+        assert RAY_SERVERS <= {process for process, _, _ in sockets}, sockets
+        assert {port for _, _, port in sockets} >= set(ports)
+        assert [socket for socket in sockets if not on_loopback(socket[1])] == []
 
         run(down, stack, 180, "infra/local/down.sh")
         assert [port for port in ports if port_open(port)] == []
