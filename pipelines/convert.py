@@ -89,10 +89,19 @@ def _register(folder: Path, config, tags: dict, tracking_uri: str | None) -> Non
 
     uri = resolve_tracking_uri(tracking_uri)
     client = connect(uri)
-    run_id = import_run(client, uri, config.preset, tags)
-    version = register(client, run_id, folder, config, tags)
-    client.set_terminated(run_id)
-    log.info("registered %s version %s (alias candidate)", registered_name(config.preset), version)
+    made = []  # the import's run, made only if no version has these weights and config yet
+
+    def new_run() -> str:
+        made.append(import_run(client, uri, config.preset, tags))
+        return made[0]
+
+    version = register(client, new_run, folder, config, tags)
+    name = registered_name(config.preset)
+    if made:
+        client.set_terminated(made[0])
+        log.info("registered %s version %s (alias candidate)", name, version)
+    else:
+        log.info("%s version %s has these weights and config already: reused it (alias candidate)", name, version)
 
 
 def export_model(args: argparse.Namespace) -> None:

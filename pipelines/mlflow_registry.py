@@ -6,6 +6,7 @@ version-tag convention: `candidate`, `champion`, the scores, the scheduler's per
 from __future__ import annotations
 
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,7 +39,8 @@ from pipelines.mlflow_tracking import connect, redact, resolve_tracking_uri
 MODEL_FOLDER = "artifacts/model"
 WEIGHTS_SHA_TAG = "ddpm.weights_sha256"
 RECORDED_SHA256 = {CONFIG: "ddpm.config_sha256", EMA_WEIGHTS: WEIGHTS_SHA_TAG}
-# A resolved model folder carries its weights' sha256, so an actor elsewhere loads exactly those weights.
+# A resolved model folder carries the sha256 of its weights and config.json (`<weights>+<config>`), so an actor
+# elsewhere loads exactly that model.
 FOLDER_SHA256 = "@sha256:"
 CANDIDATE, CHAMPION = "candidate", "champion"  # every new version; the best verified FID of the owning spec
 CHAMPION_SPEC = "ddpm.champion_spec"  # registered-model tag: the spec whose scheduler moves `champion`
@@ -71,8 +73,13 @@ def resolve_model(reference: str, client) -> tuple[str, object | None]:
     if not path.is_dir():
         raise SamplesError(f"model {reference} is neither a models:/ URI, a checkpoint directory nor a model folder")
     if (path / CONFIG).is_file() and not (path / STATE).is_file():
-        return f"{path}{FOLDER_SHA256}{verify_model_folder(path)}", None
+        return f"{path}{FOLDER_SHA256}{folder_pin(path)}", None
     return f"{path}@step{read_state(path).step}", None
+
+
+def folder_pin(path: str | Path) -> str:
+    """`<weights sha256>+<config.json sha256>` of a model folder, both checked against its seal."""
+    return f"{verify_model_folder(path)}+{sha256_file(Path(path) / CONFIG)}"
 
 
 def load_model(resolved: str, tracking_uri: str):
@@ -86,8 +93,9 @@ def load_model(resolved: str, tracking_uri: str):
         return _load_registered(resolved, tracking_uri)
     if FOLDER_SHA256 in resolved:
         path, digest = resolved.rsplit(FOLDER_SHA256, 1)
-        if verify_model_folder(path) != digest:
-            raise SamplesError(f"model folder {path} changed since the job resolved it (sha256 {digest[:16]})")
+        if folder_pin(path) != digest:
+            raise SamplesError(f"model folder {path}: its weights or config.json changed since the job resolved it "
+                               f"(sha256 {digest[:16]})")
         return load_ema_unet(path)
     return load_ema_unet(resolved.rsplit("@step", 1)[0])
 
@@ -119,7 +127,7 @@ def weights_sha256(resolved: str, version) -> str:
     if version is not None:
         return version.tags[WEIGHTS_SHA_TAG]
     if FOLDER_SHA256 in resolved:
-        return resolved.rsplit(FOLDER_SHA256, 1)[1]
+        return resolved.rsplit(FOLDER_SHA256, 1)[1].split("+")[0]
     return sha256_file(Path(resolved.rsplit("@step", 1)[0]) / EMA_WEIGHTS)
 
 
@@ -132,9 +140,11 @@ def code_version() -> str:
         return "unknown"
 
 
-def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: dict) -> str:
+def register(client, run: str | Callable[[], str], checkpoint_dir: Path, config: Config, tags: dict) -> str:
     """Log the EMA model of a checkpoint or model folder in the run, register it as ddpm-<preset> with its
     files' sha256, alias `candidate`. Again for the same run and files (a re-run), the version it registered.
+    `run` is a run id, or a function making the run (an import): then a version of any run with the same
+    weights and config is reused, and no run is made.
 
     It is logged as a pyfunc (for users of `mlflow.pyfunc`); our jobs read only its data (`load_model`).
     """
@@ -142,19 +152,20 @@ def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: di
     with tempfile.TemporaryDirectory(prefix="ddpm-model-") as scratch:
         model_dir = copy_model_folder(checkpoint_dir, Path(scratch) / "model", config)  # the registered data
         recorded = {tag: sha256_file(model_dir / file) for file, tag in RECORDED_SHA256.items()}
-        version = registered_version(client, name, run_id, recorded)
+        version = registered_version(client, name, None if callable(run) else run, recorded)
         if version is None:
-            info = _log_model(run_id, model_dir, config)
+            info = _log_model(run() if callable(run) else run, model_dir, config)
             version = mlflow.register_model(info.model_uri, name,
                                             tags={**{k: str(v) for k, v in tags.items()}, **recorded}).version
     client.set_registered_model_alias(name, CANDIDATE, version)
     return version
 
 
-def registered_version(client, name: str, run_id: str, recorded: dict[str, str]) -> str | None:
-    """The version of `name` that run `run_id` registered with files of these sha256 (RECORDED_SHA256 tags), or
-    None."""
-    for version in client.search_model_versions(f"name = '{name}' and run_id = '{run_id}'"):
+def registered_version(client, name: str, run_id: str | None, recorded: dict[str, str]) -> str | None:
+    """The version of `name` that run `run_id` (None: any run) registered with files of these sha256
+    (RECORDED_SHA256 tags), or None."""
+    query = f"name = '{name}'" + (f" and run_id = '{run_id}'" if run_id else "")
+    for version in client.search_model_versions(query):
         if all(version.tags.get(tag) == digest for tag, digest in recorded.items()):
             return version.version
     return None
@@ -180,7 +191,7 @@ def _log_model(run_id: str, model_dir: Path, config: Config):
 class OpenedModel:
     """A model a job samples from, resolved so that it cannot move: what every job opens."""
 
-    resolved: str  # models:/<name>/<version>, <folder>@sha256:<digest> or <checkpoint>@step<n>
+    resolved: str  # models:/<name>/<version>, <folder>@sha256:<weights>+<config> or <checkpoint>@step<n>
     version: ModelVersion | None  # the registered version, if it is one
     tracking_uri: str
     client: MlflowClient | None  # None when no registry was needed

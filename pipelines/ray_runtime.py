@@ -105,7 +105,8 @@ def init_ray(address: str | None = None, num_cpus: int | None = None) -> None:
         state = Path(tempfile.mkdtemp(prefix="ddpm-ray-"))
         atexit.register(shutil.rmtree, state, ignore_errors=True)
         use_local_token(state)
-        # Loopback only: a laptop run must not open ports on the network. Its own session folder: see LocalHead.
+        # Loopback only (single-machine mode, pipelines/__init__.py): a laptop run must not open ports on the
+        # network. Its own session folder: see LocalHead.
         ray.init(address="local", num_cpus=num_cpus, _node_ip_address="127.0.0.1", include_dashboard=False,
                  log_to_driver=True, _temp_dir=str(state))
     log.info("Ray resources: %s", ray.cluster_resources())
@@ -217,6 +218,9 @@ def free_port() -> int:
 
 class LocalHead:
     """A Ray head on 127.0.0.1 (`ray start --head --block`, token authentication on) with its job API.
+
+    Every server of it listens on 127.0.0.1 only: Ray's single-machine mode (pipelines/__init__.py), which the
+    head, its jobs and every client of this process share.
 
     Every port is explicit and free, so it coexists with other Ray clusters on the machine, and `stop()`
     ends this cluster's processes only (never `ray stop`, which ends every cluster of the machine).

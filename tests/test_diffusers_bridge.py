@@ -1,6 +1,7 @@
 """The diffusers bridge, against diffusers itself (an optional dependency, installed for the tests)."""
 
 import json
+import logging
 
 import numpy as np
 import pytest
@@ -88,16 +89,27 @@ def test_unfaithful_configs_are_refused(tmp_path):
         import_folder(tmp_path / "nothing")
 
 
-def test_convert_import_registers_and_export_round_trips(tmp_path):
+def test_convert_import_registers_once_and_export_round_trips(tmp_path, caplog):
     import mlflow
+    from mlflow.tracking import MlflowClient
 
     from pipelines.cli import main as ddpm
+    from pipelines.mlflow_tracking import IMPORT_EXPERIMENT
 
     theirs = random_diffusers_unet("tiny", seed=5)
     theirs.save_pretrained(tmp_path / "unet")
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert ddpm(["convert", "import", "--folder", str(tmp_path / "unet"), "--register",
-                 "--tracking-uri", tracking]) == 0
+    register = ["convert", "import", "--folder", str(tmp_path / "unet"), "--register", "--tracking-uri", tracking]
+    assert ddpm(register) == 0
+    # Again (the same weights and config): the version registered first, said in one line; no second run.
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger="ddpm.convert"):
+        assert ddpm(register) == 0
+    assert [r.getMessage() for r in caplog.records if r.name == "ddpm.convert" and "version" in r.getMessage()] \
+        == ["ddpm-tiny version 1 has these weights and config already: reused it (alias candidate)"]
+    client = MlflowClient(tracking)
+    assert [str(v.version) for v in client.search_model_versions("name = 'ddpm-tiny'")] == ["1"]
+    assert len(client.search_runs([client.get_experiment_by_name(IMPORT_EXPERIMENT).experiment_id])) == 1
     mlflow.set_tracking_uri(tracking)
     sampler = mlflow.pyfunc.load_model("models:/ddpm-tiny@candidate").unwrap_python_model()
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([9])
@@ -264,7 +276,8 @@ def test_an_imported_model_folder_is_taken_by_export_register_and_the_sampling_j
     assert (out / "ema.safetensors.sha256").read_text() == (f"{digest}  ema.safetensors\n"
                                                             f"{sha256_file(out / 'config.json')}  config.json\n")
     resolved, version = resolve_model(str(out), None)  # what `ddpm sample` and `ddpm fid` do with --model
-    assert resolved == f"{out}@sha256:{digest}" and version is None and weights_sha256(resolved, None) == digest
+    assert resolved == f"{out}@sha256:{digest}+{sha256_file(out / 'config.json')}" and version is None
+    assert weights_sha256(resolved, None) == digest
     model, config = load_model(resolved, "")
     x, t = torch.randn(1, 3, 16, 16), torch.tensor([9])
     with torch.no_grad():
@@ -273,12 +286,36 @@ def test_an_imported_model_folder_is_taken_by_export_register_and_the_sampling_j
     back = diffusers.UNet2DModel.from_pretrained(tmp_path / "back" / "unet")
     assert all(torch.equal(a, b) for a, b in zip(theirs.state_dict().values(), back.state_dict().values()))
     tracking = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    assert ddpm(["convert", "register", "--model", str(out), "--tracking-uri", tracking]) == 0
+    for _ in range(2):  # the second time, the version of the first
+        assert ddpm(["convert", "register", "--model", str(out), "--tracking-uri", tracking]) == 0
     registered = MlflowClient(tracking).get_model_version_by_alias("ddpm-tiny", "candidate")
-    assert registered.tags["ddpm.weights_sha256"] == digest
+    assert registered.tags["ddpm.weights_sha256"] == digest and str(registered.version) == "1"
+    assert len(MlflowClient(tracking).search_model_versions("name = 'ddpm-tiny'")) == 1
     (out / "ema.safetensors").write_bytes((out / "ema.safetensors").read_bytes()[:-1] + b" ")
     expect_one_error(caplog, ddpm, ["convert", "export", "--model", str(out), "--out", str(tmp_path / "x")],
                      f"model folder {out}: ema.safetensors has sha256 ")
     (out / "ema.safetensors.sha256").unlink()
     expect_one_error(caplog, ddpm, ["convert", "export", "--model", str(out), "--out", str(tmp_path / "x")],
                      f"model folder {out} is incomplete: missing ema.safetensors.sha256")
+
+
+def test_a_resolved_model_folder_is_pinned_to_its_weights_and_its_config(tmp_path):
+    """A job resolves --model once; an actor that loads it later gets that model or an error, never the same
+    weights under another config.json (sealed again, as `convert import --out` into the same folder would)."""
+    from dataclasses import replace
+
+    from ddpm_core.checkpoint import save_model_folder, seal_model_folder
+    from ddpm_core.sampling import SamplesError
+    from pipelines.mlflow_registry import load_model, resolve_model
+
+    config = get_preset("tiny")
+    folder = save_model_folder(tmp_path / "model", UNet(config.model), config)
+    resolved, _ = resolve_model(str(folder), None)
+    assert load_model(resolved, "")[1].to_dict() == config.to_dict()
+    changed = replace(config, diffusion=replace(config.diffusion, variance="fixedsmall"))
+    assert changed.diffusion.variance != config.diffusion.variance
+    (folder / "config.json").write_text(changed.to_json())
+    seal_model_folder(folder)
+    with pytest.raises(SamplesError, match=f"model folder {folder}: its weights or config.json changed since the "
+                                           "job resolved it"):
+        load_model(resolved, "")

@@ -311,6 +311,39 @@ def test_the_cronjob_the_cli_and_the_readme_evaluate_with_the_one_routine_sample
     assert (fid.sampler, fid.num) == (PAPER_SAMPLER.sampler, 50000) == ("ddpm", 50000)
 
 
+def secret_names(doc: dict) -> set[str]:
+    """Every Secret a manifest's pods read: env secretKeyRefs and secret volumes."""
+    refs = {entry["valueFrom"]["secretKeyRef"]["name"] for entry in container_env(doc).values()
+            if "secretKeyRef" in entry.get("valueFrom", {})}
+    return refs | {volume["secret"]["secretName"] for volume in volumes_by_name(doc).values() if "secret" in volume}
+
+
+def test_the_scheduler_has_an_identity_of_its_own():
+    """docs/roles.md: the scheduler (the only writer of `champion`) shares no identity or MLflow Secret with the
+    Ray pods, where every job runs; the jobs keep theirs; its output prefix is not the training jobs'."""
+    cron, cluster, job = the("CronJob"), the("RayCluster"), the("RayJob")
+    cron_pod = cron["spec"]["jobTemplate"]["spec"]["template"]["spec"]
+    cluster_accounts = {d["serviceAccountName"] for d in dicts(cluster) if "serviceAccountName" in d}
+    assert cluster_accounts == {"ddpm-ray"}
+    assert cron_pod["serviceAccountName"] == "ddpm-scheduler"
+    assert {doc["metadata"]["name"] for doc in of_kind("ServiceAccount")} >= {"ddpm-ray", "ddpm-scheduler"}
+    # The MLflow credentials: the scheduler's Secret is read by the CronJob alone, the jobs' never by it.
+    assert secret_names(cron) == {"ddpm-ray-auth", "mlflow-scheduler"}
+    assert "mlflow-client" in secret_names(cluster)
+    assert secret_names(cron) & secret_names(cluster) == set()  # KubeRay's token Secret is authOptions, not a ref
+    readers = {(doc["kind"], doc["metadata"]["name"]) for _, doc in manifests()
+               if "mlflow-scheduler" in secret_names(doc)}
+    assert readers == {("CronJob", cron["metadata"]["name"])}
+    (scheduler,) = containers(cron)
+    out_root = option(scheduler["command"], "--out-root").rstrip("/") + "/"
+    storage = option(shlex.split(job["spec"]["entrypoint"]), "--storage").rstrip("/") + "/"
+    assert not out_root.startswith(storage) and not storage.startswith(out_root), (out_root, storage)
+    # docs/roles.md describes these manifests, not a plan.
+    roles = (REPO / "docs" / "roles.md").read_text()
+    for name in ("ddpm-scheduler", "mlflow-scheduler", "ddpm-ray", "mlflow-client", out_root.rstrip("/")):
+        assert name in roles, name
+
+
 def test_mlflow_server_and_its_clients_agree():
     from mlflow.cli import server
 
@@ -372,12 +405,13 @@ def test_every_mlflow_client_logs_in_with_credentials_from_a_secret():
             if set(CREDENTIALS) & set(env):
                 holders.setdefault((doc["kind"], c["name"]), []).append(tuple(secret_ref(env[n]) for n in CREDENTIALS))
     service_user = (("mlflow-client", "username"), ("mlflow-client", "password"))
-    # Ray's head (where job drivers run: RayJobs, the scheduler's sampling jobs) and both worker groups, and the
-    # scheduler, are the service user; the RayJob's submitter only talks to Ray, the init containers to S3 and
-    # PostgreSQL.
+    # Ray's head (where job drivers run: RayJobs, the scheduler's sampling jobs) and both worker groups are the
+    # service user, the scheduler its own user; the RayJob's submitter only talks to Ray, the init containers to
+    # S3 and PostgreSQL.
     assert holders.pop(("RayCluster", "ray-head")) == [service_user]
     assert holders.pop(("RayCluster", "ray-worker")) == [service_user, service_user]
-    assert holders.pop(("CronJob", "scheduler")) == [service_user]
+    scheduler_user = (("mlflow-scheduler", "username"), ("mlflow-scheduler", "password"))
+    assert holders.pop(("CronJob", "scheduler")) == [scheduler_user]
     # The job that creates the service user logs in as the admin that the server creates, and reads the
     # user's name and password from the Secret the clients read them from.
     admin = container_env(the("Deployment"))
@@ -674,6 +708,13 @@ def test_local_stack_up_use_down(monkeypatch):
         with pytest.raises(urllib.error.HTTPError) as refused:
             urllib.request.urlopen(f"{exports['RAY_ADDRESS']}/api/version", timeout=30)
         assert refused.value.code == 401
+        # Every server of the stack, Ray's own included, on loopback only.
+        from tests.test_ray_runtime import RAY_SERVERS, listening_sockets, on_loopback
+
+        sockets = [found for pid in pids.values() for found in listening_sockets(pid)]
+        assert RAY_SERVERS <= {process for process, _, _ in sockets}, sockets
+        assert {port for _, _, port in sockets} >= set(ports)
+        assert [socket for socket in sockets if not on_loopback(socket[1])] == []
 
         run(down, stack, 180, "infra/local/down.sh")
         assert [port for port in ports if port_open(port)] == []

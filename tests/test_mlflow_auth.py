@@ -103,6 +103,8 @@ class AuthServer:
             ("mlflow-auth", "flask-secret-key"): secrets.token_hex(32),
             ("mlflow-client", "username"): SERVICE_USER,
             ("mlflow-client", "password"): secrets.token_hex(32),
+            ("mlflow-scheduler", "username"): "ddpm-scheduler",
+            ("mlflow-scheduler", "password"): secrets.token_hex(32),
         }
         render_auth_config(root, self.secrets["mlflow-auth", "database-uri"])
         spec = container("Deployment", "mlflow")
@@ -216,8 +218,8 @@ def test_service_user_registers_a_model_with_the_ray_pods_credentials(server, se
     client.set_registered_model_alias(model.name, "candidate", version.version)
     assert client.get_model_version_by_alias(model.name, "candidate").version == version.version == "1"
     assert client.get_run(run.info.run_id).data.metrics == {"loss": 0.25}
-    # The scheduler logs in as the same user.
-    assert server.credentials("CronJob", "scheduler") == server.credentials("RayCluster", "ray-head")
+    # The scheduler logs in as a user of its own (docs/roles.md).
+    assert server.credentials("CronJob", "scheduler")["MLFLOW_TRACKING_USERNAME"] == "ddpm-scheduler"
 
     # No secret was on any command line: the server's, its workers', the service-user job's.
     for (name, key), value in server.secrets.items():
@@ -243,7 +245,7 @@ def test_without_or_with_wrong_credentials_mlflow_refuses(server, service_user, 
     with pytest.raises(urllib.error.HTTPError) as raw:
         urllib.request.urlopen(f"{server.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=30)
     assert raw.value.code == 401
-    logged_in_as(server.credentials("CronJob", "scheduler"))
+    logged_in_as(server.credentials("RayCluster", "ray-head"))
     assert "Default" in experiment_names(connect(server.uri))
 
 

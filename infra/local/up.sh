@@ -2,9 +2,9 @@
 # A local ddpm-ray stack on loopback, shaped like the cluster: a Ray head (job API and dashboard, token
 # authentication on), an MLflow server (SQLite store, local artifacts, served by the server; MLflow's
 # basic-auth app on, the exports log in as its admin) and an S3 endpoint (moto's standalone server). The job
-# API, the dashboard, MLflow and S3 listen on 127.0.0.1 only.
-# (Ray's internal gRPC servers - GCS, raylet, agents - bind all interfaces whatever --node-ip-address says;
-# with token authentication on, they too refuse requests without the token.)
+# API, the dashboard, MLflow and S3 listen on 127.0.0.1 only, and so do Ray's internal servers (GCS, raylet,
+# agents, workers): Ray's single-machine mode, RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0 in env.sh, keeps the node's
+# address 127.0.0.1 (docs/roles.md, "Local Ray"). Clients that join by the GCS address need it too: source env.sh.
 #
 #   . .venv/bin/activate           # the project venv provides ray, mlflow and moto_server (or: VENV=.venv)
 #   infra/local/up.sh              # prints the exports, also written to <state>/env.sh
@@ -131,6 +131,7 @@ AWS_ENDPOINT_URL=http://127.0.0.1:$S3_PORT
 cat >"$STATE/env.sh" <<EOF
 export RAY_ADDRESS=$RAY_ADDRESS
 export RAY_AUTH_MODE=token
+export RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER=0
 export RAY_AUTH_TOKEN_PATH=$STATE/auth_token
 export MLFLOW_TRACKING_URI=$MLFLOW_TRACKING_URI
 export MLFLOW_TRACKING_USERNAME=admin
