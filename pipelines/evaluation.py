@@ -211,10 +211,9 @@ class EvaluationResult:
 
     @property
     def is_paper_protocol(self) -> bool:
-        """Made and scored as the paper's numbers (§4, Table 1): Algorithm 2 over all T steps, x̂0 clipped, fp32,
-        N >= 50k, the verified FID network. Only such a score is called FID and set beside published ones."""
-        return (self.sampler == "ddpm" and self.clip and not self.bf16 and self.num >= PUBLISHED_N
-                and self.features == "inception" and self.inception_weights_sha256 in accepted_weights())
+        """Made and scored as the paper's numbers (`sampled_as_paper`) with the verified FID network. Only such a
+        score is called FID and set beside published ones."""
+        return sampled_as_paper(self) and self.inception_weights_sha256 in accepted_weights()
 
     @property
     def prefix(self) -> str:
@@ -278,6 +277,13 @@ class EvaluationResult:
 
 
 SCORES = {f.name for f in fields(EvaluationResult) if f.default is None}
+
+
+def sampled_as_paper(record: EvaluationResult | EvalSpec) -> bool:
+    """Sampled and scored as the paper's numbers (§4, Table 1): Algorithm 2 over all T steps, x̂0 clipped, fp32,
+    N >= 50k, the FID network (whose weights a result must also have verified: `is_paper_protocol`)."""
+    return (record.sampler == "ddpm" and record.clip and not record.bf16 and record.num >= PUBLISHED_N
+            and record.features == "inception")
 
 
 def _as_result(result: EvaluationResult | dict) -> EvaluationResult:

@@ -45,7 +45,7 @@ FOLDER_SHA256 = "@sha256:"
 CANDIDATE, CHAMPION = "candidate", "champion"  # every new version; the best verified FID of the owning spec
 CHAMPION_SPEC = "ddpm.champion_spec"  # registered-model tag: the spec whose scheduler moves `champion`
 EVAL = "ddpm.eval."  # + <digest>. + status, job, attempts, out, error, result_sha256, fid | pseudo_fid
-PROMOTION = "ddpm.promotion."  # + <digest>. + decision, fid, champion, champion_fid
+PROMOTION = "ddpm.promotion."  # + <digest>. + decision, champion and the score: fid, champion_fid (or spec_fid, ...)
 
 
 def registered_name(preset: str) -> str:

@@ -205,7 +205,7 @@ class Scheduler:
         new = [number for number, outcome in report.outcomes.items() if outcome.status == SUCCEEDED]
         scores, pseudo = self.verified_scores(versions), {n for n in new if "pseudo_fid" in versions.get(n, {})}
         promotion = decisions.decide_promotion(authority, scores, holder, versions.get(holder, {}).get("status"), new,
-                                               pseudo)
+                                               pseudo, name=decisions.score_name(self.spec))
         if promotion.warning:
             log.warning("%s (spec %s)", promotion.warning, self.spec.digest)
         if promotion.champion is not None:

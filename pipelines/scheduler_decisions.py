@@ -7,9 +7,11 @@
   whose spec owns the alias (or that takes it over, --take-over-champion); any other records scores only.
 - `unvouched`: why a version's record does not count, or None: its tags must name a SUCCEEDED batch of
   this scheduler's for that version and spec (job id and Jobs-API metadata, `batch_metadata`).
-- `decide_promotion`: whom `champion` goes to, given that authority, the verified FIDs of this spec, the
+- `decide_promotion`: whom `champion` goes to, given that authority, the verified scores of this spec, the
   alias holder and whether the holder is still being evaluated; and the decision each new score gets
   (promoted / kept / deferred / not promoted / recorded only, with a warning when it was the better one).
+  Every decision names the score it compared (`score_name`): `fid` under the paper's protocol only, else
+  e.g. `spec_fid (dpmpp_2m-20-trailing, N=50000)`, so that a cheap spec's number is never read as an FID.
 
 The scheduler (pipelines/schedule_sampling.py) reads the registry and the cluster, calls these and applies
 what they return. Submission ids are deterministic, ddpm-eval-<model>-v<version>-<spec digest>-a<attempt>,
@@ -28,12 +30,10 @@ import re
 import time
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 from ddpm_core.errors import UserError, first_line
-
-if TYPE_CHECKING:
-    from pipelines.evaluation import EvalSpec
+from pipelines.evaluation import EvalSpec, SamplerSetting, sampled_as_paper
 
 log = logging.getLogger("ddpm.schedule")
 REGISTRY_ATTEMPTS, REGISTRY_BACKOFF = 5, 0.5  # seconds, doubled after each failed attempt
@@ -203,6 +203,26 @@ def champion_authority(digest: str, owner: str | None, owns: bool, take_over: bo
 
 
 @dataclass(frozen=True)
+class ScoreName:
+    """What the scores a spec promotes on are called in its decisions and promotion tags."""
+
+    label: str  # fid (the paper's protocol) or spec_fid; also the key of the promotion tags
+    setting: str = ""  # of a spec_fid: its sampler, steps and N, e.g. "dpmpp_2m-20-trailing, N=50000"
+
+    def __str__(self) -> str:
+        return f"{self.label} ({self.setting})" if self.setting else self.label
+
+
+def score_name(spec: EvalSpec) -> ScoreName:
+    """The name of `spec`'s promoting scores: only verified FID-network scores promote (`verified_fid`), so `fid`
+    if it samples as the paper's numbers do, else a `spec_fid` that says its sampler, steps and N."""
+    if sampled_as_paper(spec):
+        return ScoreName("fid")
+    setting = SamplerSetting(spec.sampler, spec.steps, spec.spacing, spec.eta).name
+    return ScoreName("spec_fid", f"{setting}, N={spec.num}")
+
+
+@dataclass(frozen=True)
 class Promotion:
     champion: int | None = None  # the version `champion` moves to, or None: it stays
     decisions: dict[int, Decision] = field(default_factory=dict)  # the promoted version first
@@ -210,16 +230,17 @@ class Promotion:
 
 
 def decide_promotion(authority: Authority, scores: Mapping[int, float], holder: int | None,
-                     holder_status: str | None, new: Iterable[int], pseudo: Collection[int] = ()) -> Promotion:
+                     holder_status: str | None, new: Iterable[int], pseudo: Collection[int] = (), *,
+                     name: ScoreName) -> Promotion:
     """Whom `champion` goes to, and the decision of each version in `new` (those that succeeded this tick).
 
-    `scores`: the verified FIDs of this spec; `holder`: the version holding `champion`, `holder_status` its
-    evaluation status under this spec (while it is submitted or failed, nothing moves); `pseudo`: versions
-    scored by a pseudo-FID, which never promotes. Without `authority.moves` every decision is "recorded
-    only", and a new score that would have been champion gets a warning.
+    `scores`: the verified scores of this spec, called `name` in the decisions and tags; `holder`: the version
+    holding `champion`, `holder_status` its evaluation status under this spec (while it is submitted or failed,
+    nothing moves); `pseudo`: versions scored by a pseudo-FID, which never promotes. Without `authority.moves`
+    every decision is "recorded only", and a new score that would have been champion gets a warning.
     """
     new = sorted(new)
-    owner = _owner_promotion(scores, holder, holder_status, new, pseudo)
+    owner = _owner_promotion(scores, holder, holder_status, new, pseudo, name)
     if authority.moves:
         return owner
     decisions, warning = {}, ""
@@ -229,12 +250,12 @@ def decide_promotion(authority: Authority, scores: Mapping[int, float], holder: 
             better = owner.decisions[number].text.removeprefix("promoted: ")
             text = f"recorded only ({better}): {authority.note}"
             warning = f"v{number} would be champion ({better}) but is recorded only: {authority.note}"
-        decisions[number] = Decision(text, {"fid": scores.get(number, ""), "decision": text})
+        decisions[number] = Decision(text, {name.label: scores.get(number, ""), "decision": text})
     return Promotion(decisions=decisions, warning=warning)
 
 
 def _owner_promotion(scores: Mapping[int, float], holder: int | None, holder_status: str | None, new: list[int],
-                     pseudo: Collection[int]) -> Promotion:
+                     pseudo: Collection[int], name: ScoreName) -> Promotion:
     """The promotion as the owning scheduler decides it."""
     held = scores.get(holder) if holder is not None else None
     best = min(scores, key=lambda n: (scores[n], n), default=None)
@@ -242,35 +263,39 @@ def _owner_promotion(scores: Mapping[int, float], holder: int | None, holder_sta
     decisions, champion = {}, None
     if best is not None and not pending and (held is None or scores[best] < held):
         if held is not None:
-            text = f"promoted: FID {scores[best]:.4f} < champion v{holder} FID {held:.4f}"
+            text = f"promoted: {name} {scores[best]:.4f} < champion v{holder}'s {held:.4f}"
         else:
-            text = f"promoted: FID {scores[best]:.4f}; " + (
-                f"champion v{holder} has no FID under this spec" if holder is not None else "no champion before")
-        decisions[best] = Decision(text, {"fid": scores[best], "champion": "" if holder is None else holder,
-                                          "champion_fid": "" if held is None else held, "decision": text})
+            text = f"promoted: {name} {scores[best]:.4f}; " + (
+                f"champion v{holder} has no {name.label} under this spec" if holder is not None
+                else "no champion before")
+        decisions[best] = Decision(text, _tags(name, scores[best], holder, held, text))
         champion, holder, held = best, best, scores[best]
     for number in new:
         if number != champion:
-            decisions[number] = _standing(number, scores, holder, held, pending, number in pseudo)
+            decisions[number] = _standing(number, scores, holder, held, pending, number in pseudo, name)
     return Promotion(champion, decisions)
 
 
 def _standing(number: int, scores: Mapping[int, float], holder: int | None, held: float | None, pending: bool,
-              pseudo: bool) -> Decision:
+              pseudo: bool, name: ScoreName) -> Decision:
     """The decision of a new score that did not promote."""
-    if number not in scores:
-        text = f"not promoted: {'pseudo-FID' if pseudo else 'no FID'} only (FID needs the verified Inception weights)"
-        values = {"fid": "", "champion": "" if holder is None else holder, "champion_fid": "" if held is None else held}
+    score = scores.get(number)
+    if score is None:
+        text = ("not promoted: pseudo-FID only (a toy metric, which never promotes)" if pseudo else
+                f"not promoted: no {name} (it needs the verified Inception weights)")
     elif pending:
-        text = f"deferred: champion v{holder} is still being evaluated under this spec"
-        values = {"fid": scores[number], "champion": holder, "champion_fid": ""}
+        text, held = f"deferred: champion v{holder} is still being evaluated under this spec", None
     elif number == holder:
-        text = f"kept: already champion, FID {scores[number]:.4f}"
-        values = {"fid": scores[number], "champion": holder, "champion_fid": held}
+        text = f"kept: already champion, {name} {score:.4f}"
     else:
-        text = f"not promoted: FID {scores[number]:.4f} >= champion v{holder} FID {held:.4f}"
-        values = {"fid": scores[number], "champion": holder, "champion_fid": held}
-    return Decision(text, {**values, "decision": text})
+        text = f"not promoted: {name} {score:.4f} >= champion v{holder}'s {held:.4f}"
+    return Decision(text, _tags(name, score, holder, held, text))
+
+
+def _tags(name: ScoreName, score: float | None, holder: int | None, held: float | None, text: str) -> dict:
+    """The promotion tags of a decision, named after the score (`decision` last: written last, it says the rest is)."""
+    return {name.label: "" if score is None else score, "champion": "" if holder is None else holder,
+            f"champion_{name.label}": "" if held is None else held, "decision": text}
 
 
 @dataclass

@@ -31,7 +31,7 @@ from pipelines.fid_reference import main as reference_main
 from pipelines.mlflow_registry import CHAMPION, register
 from pipelines.schedule_sampling import add_arguments, build
 from pipelines.schedule_sampling import main as schedule_main
-from pipelines.scheduler_decisions import submission_id
+from pipelines.scheduler_decisions import score_name, submission_id
 from tests.errors import expect_one_error
 from tests.models import tiny_checkpoint
 from tests.test_loader import make_dataset
@@ -170,10 +170,11 @@ def test_two_new_versions_two_batches_one_promotion_then_nothing(world):
             "ddpm.attempt": "1"}
     best, other = sorted(fids, key=fids.get)
     assert report.promoted == best and champion(world) == best
-    assert tags(world, best, planner.spec, "promotion")["decision"].startswith("promoted: FID")
+    name = score_name(planner.spec)  # spec_fid (ddim-4-linspace, N=16): never called FID
+    assert tags(world, best, planner.spec, "promotion")["decision"].startswith(f"promoted: {name} ")
     loser = tags(world, other, planner.spec, "promotion")
-    assert loser["decision"] == f"not promoted: FID {fids[other]:.4f} >= champion v{best} FID {fids[best]:.4f}"
-    assert float(loser["fid"]) == fids[other] and float(loser["champion_fid"]) == fids[best]
+    assert loser["decision"] == f"not promoted: {name} {fids[other]:.4f} >= champion v{best}'s {fids[best]:.4f}"
+    assert float(loser["spec_fid"]) == fids[other] and float(loser["champion_spec_fid"]) == fids[best]
     assert world["client"].get_registered_model("ddpm-tiny").tags["ddpm.champion_spec"] == planner.spec.digest
 
     again = scheduler(world).tick(poll=1)  # a restarted scheduler: state comes from MLflow and Ray
@@ -204,7 +205,7 @@ def test_a_failed_batch_is_reported_not_promoted_and_retried_next_tick(world):
     scored = {v: float(tags(world, v, planner.spec)["spec_fid"]) for v in range(1, version + 1)}
     assert champion(world) == min(scored, key=scored.get)
     assert tags(world, version, planner.spec, "promotion")["decision"].startswith(
-        "promoted" if champion(world) == version else "not promoted: FID")
+        "promoted" if champion(world) == version else f"not promoted: {score_name(planner.spec)} ")
 
 
 @pytest.mark.slow
@@ -262,11 +263,11 @@ def test_only_the_owning_scheduler_moves_champion_and_a_hand_over_is_explicit(wo
         assert schedule_main(other) == 0 and champion(world) == before
         note = f"spec {first.digest} owns champion (--take-over-champion hands it to this spec)"
         assert tags(world, version, other_spec, "promotion")["decision"] == (
-            f"recorded only (FID {float(tags(world, version, other_spec)['spec_fid']):.4f}; champion v{before} has no "
-            f"FID under this spec): {note}")
+            f"recorded only ({score_name(other_spec)} {float(tags(world, version, other_spec)['spec_fid']):.4f}; "
+            f"champion v{before} has no spec_fid under this spec): {note}")
         warnings = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
-        assert sum(f"v{version} would be champion (FID " in w and f"but is recorded only: {note}" in w
-                   for w in warnings) == 1, warnings
+        assert sum(f"v{version} would be champion ({score_name(other_spec)} " in w
+                   and f"but is recorded only: {note}" in w for w in warnings) == 1, warnings
         # The documented hand-over: logged, then this spec's best moves champion; the old owner is refused.
         caplog.clear()
         assert schedule_main([*other, "--take-over-champion"]) == 0

@@ -4,7 +4,7 @@ from dataclasses import dataclass
 
 import pytest
 
-from pipelines.evaluation import EvalSpec
+from pipelines.evaluation import PUBLISHED_N, EvalSpec
 from pipelines.scheduler_decisions import (
     FAILED,
     FINISH,
@@ -21,6 +21,7 @@ from pipelines.scheduler_decisions import (
     Decision,
     Promotion,
     SchedulerError,
+    ScoreName,
     Step,
     TickReport,
     VersionState,
@@ -33,6 +34,7 @@ from pipelines.scheduler_decisions import (
     next_step,
     read_count,
     retrying,
+    score_name,
     submission_id,
     unvouched,
 )
@@ -41,6 +43,7 @@ DIGEST = "07940bdd29"
 PREFIX = f"ddpm-eval-ddpm-tiny-v3-{DIGEST}-a"
 OTHER = "0123456789"  # another spec's digest
 OWNS = Authority(True)  # a scheduler started with --owns-champion whose spec owns `champion`
+FID = ScoreName("fid")  # the paper's protocol: DDPM-1000, clipped, fp32, N >= 50k
 
 
 @dataclass(frozen=True)
@@ -106,28 +109,61 @@ def test_a_failed_batch_is_retried_then_given_up():
 
 
 def test_the_best_verified_fid_is_promoted_and_the_others_told_why_not():
-    promotion = decide_promotion(OWNS, {1: 20.0, 2: 12.5}, None, None, new=[1, 2])
+    promotion = decide_promotion(OWNS, {1: 20.0, 2: 12.5}, None, None, new=[1, 2], name=FID)
     assert promotion.champion == 2
-    first = "promoted: FID 12.5000; no champion before"
-    loser = "not promoted: FID 20.0000 >= champion v2 FID 12.5000"
+    first = "promoted: fid 12.5000; no champion before"
+    loser = "not promoted: fid 20.0000 >= champion v2's 12.5000"
     assert promotion.decisions == {
         2: Decision(first, {"fid": 12.5, "champion": "", "champion_fid": "", "decision": first}),
         1: Decision(loser, {"fid": 20.0, "champion": 2, "champion_fid": 12.5, "decision": loser})}
     assert list(promotion.decisions) == [2, 1]  # the promoted version's decision is written first
-    better = decide_promotion(OWNS, {1: 20.0, 2: 12.5, 3: 9.0}, 2, SUCCEEDED, new=[3])
-    text = "promoted: FID 9.0000 < champion v2 FID 12.5000"
+    better = decide_promotion(OWNS, {1: 20.0, 2: 12.5, 3: 9.0}, 2, SUCCEEDED, new=[3], name=FID)
+    text = "promoted: fid 9.0000 < champion v2's 12.5000"
     assert better == Promotion(3, {3: Decision(text, {"fid": 9.0, "champion": 2, "champion_fid": 12.5,
                                                              "decision": text})})
     # A tie keeps the older version; the holder without a score under this spec is replaced.
-    assert decide_promotion(OWNS, {4: 9.0, 3: 9.0}, 3, SUCCEEDED, new=[4]).champion is None
-    unscored = decide_promotion(OWNS, {4: 9.0}, 1, GAVE_UP, new=[4])
+    assert decide_promotion(OWNS, {4: 9.0, 3: 9.0}, 3, SUCCEEDED, new=[4], name=FID).champion is None
+    unscored = decide_promotion(OWNS, {4: 9.0}, 1, GAVE_UP, new=[4], name=FID)
     assert unscored.champion == 4 and unscored.decisions[4].text == \
-        "promoted: FID 9.0000; champion v1 has no FID under this spec"
+        "promoted: fid 9.0000; champion v1 has no fid under this spec"
+
+
+def spec(**changes) -> EvalSpec:
+    """The scheduler's spec of the paper's protocol, with `changes`."""
+    return EvalSpec(**{**dict(num=PUBLISHED_N, sampler="ddpm", steps=0, eta=0.0, seed=0, ref="ref.npz",
+                              features="inception", per_tar=1000, spacing="linspace"), **changes})
+
+
+def test_each_decision_names_the_score_it_compared_and_a_cheap_spec_never_says_fid():
+    assert score_name(spec()) == FID
+    cheap = score_name(spec(sampler="dpmpp_2m", steps=20, spacing="trailing"))
+    assert str(cheap) == "spec_fid (dpmpp_2m-20-trailing, N=50000)"
+    assert [str(score_name(spec(**c))) for c in (dict(num=10000), dict(bf16=True), dict(clip=False))] == [
+        "spec_fid (ddpm, N=10000)", "spec_fid (ddpm, N=50000)", "spec_fid (ddpm, N=50000)"]
+    promoted = decide_promotion(OWNS, {1: 20.0, 2: 12.5, 3: 30.0}, 1, SUCCEEDED, new=[2, 3, 4], name=cheap)
+    deferred = decide_promotion(OWNS, {6: 1.0}, 2, SUBMITTED, new=[6], name=cheap)
+    kept = decide_promotion(OWNS, {2: 12.5}, 2, SUCCEEDED, new=[2], name=cheap)
+    recorded = decide_promotion(Authority(False, note="spec x owns champion"), {1: 20.0, 2: 12.5}, 1, SUCCEEDED,
+                                new=[2], name=cheap)
+    texts = {n: d.text for p in (promoted, deferred, kept, recorded) for n, d in p.decisions.items()}
+    assert promoted.decisions[2].text == f"promoted: {cheap} 12.5000 < champion v1's 20.0000"
+    assert promoted.decisions[3].text == f"not promoted: {cheap} 30.0000 >= champion v2's 12.5000"
+    assert promoted.decisions[4].text == f"not promoted: no {cheap} (it needs the verified Inception weights)"
+    assert kept.decisions[2].text == f"kept: already champion, {cheap} 12.5000"
+    assert recorded.warning == f"v2 would be champion ({cheap} 12.5000 < champion v1's 20.0000) but is recorded " \
+                               "only: spec x owns champion"
+    assert all("FID" not in text and "fid" not in text.replace("spec_fid", "")
+               for text in [*texts.values(), recorded.warning])
+    # Its promotion tags are named after the score too: never `fid`.
+    assert promoted.decisions[3].tags == {"spec_fid": 30.0, "champion": 2, "champion_spec_fid": 12.5,
+                                          "decision": promoted.decisions[3].text}
+    assert deferred.decisions[6].tags == {"spec_fid": 1.0, "champion": 2, "champion_spec_fid": "",
+                                          "decision": deferred.decisions[6].text}
 
 
 def test_the_champion_is_kept_and_a_worse_score_not_promoted():
-    promotion = decide_promotion(OWNS, {2: 12.5, 5: 13.0}, 2, SUCCEEDED, new=[2, 5])
-    kept, worse = "kept: already champion, FID 12.5000", "not promoted: FID 13.0000 >= champion v2 FID 12.5000"
+    promotion = decide_promotion(OWNS, {2: 12.5, 5: 13.0}, 2, SUCCEEDED, new=[2, 5], name=FID)
+    kept, worse = "kept: already champion, fid 12.5000", "not promoted: fid 13.0000 >= champion v2's 12.5000"
     assert promotion == Promotion(None, {
         2: Decision(kept, {"fid": 12.5, "champion": 2, "champion_fid": 12.5, "decision": kept}),
         5: Decision(worse, {"fid": 13.0, "champion": 2, "champion_fid": 12.5, "decision": worse})})
@@ -135,22 +171,22 @@ def test_the_champion_is_kept_and_a_worse_score_not_promoted():
 
 def test_nothing_moves_while_the_champion_is_still_being_evaluated():
     for status in (SUBMITTED, FAILED):
-        promotion = decide_promotion(OWNS, {6: 1.0}, 2, status, new=[6])
+        promotion = decide_promotion(OWNS, {6: 1.0}, 2, status, new=[6], name=FID)
         text = "deferred: champion v2 is still being evaluated under this spec"
         assert promotion == Promotion(None, {6: Decision(text, {"fid": 1.0, "champion": 2, "champion_fid": "",
                                                                        "decision": text})})
     # Once the holder has a score under this spec, the comparison is made.
-    assert decide_promotion(OWNS, {2: 3.0, 6: 1.0}, 2, SUCCEEDED, new=[6]).champion == 6
+    assert decide_promotion(OWNS, {2: 3.0, 6: 1.0}, 2, SUCCEEDED, new=[6], name=FID).champion == 6
 
 
 def test_a_pseudo_fid_never_promotes():
-    promotion = decide_promotion(OWNS, {}, None, None, new=[7, 8], pseudo={7})
-    pseudo = "not promoted: pseudo-FID only (FID needs the verified Inception weights)"
-    none = "not promoted: no FID only (FID needs the verified Inception weights)"
+    promotion = decide_promotion(OWNS, {}, None, None, new=[7, 8], pseudo={7}, name=FID)
+    pseudo = "not promoted: pseudo-FID only (a toy metric, which never promotes)"
+    none = "not promoted: no fid (it needs the verified Inception weights)"
     assert promotion == Promotion(None, {
         7: Decision(pseudo, {"fid": "", "champion": "", "champion_fid": "", "decision": pseudo}),
         8: Decision(none, {"fid": "", "champion": "", "champion_fid": "", "decision": none})})
-    with_champion = decide_promotion(OWNS, {2: 12.5}, 2, SUCCEEDED, new=[7], pseudo={7})
+    with_champion = decide_promotion(OWNS, {2: 12.5}, 2, SUCCEEDED, new=[7], pseudo={7}, name=FID)
     assert with_champion.champion is None and with_champion.decisions[7].tags == {
         "fid": "", "champion": 2, "champion_fid": 12.5, "decision": pseudo}
 
@@ -175,20 +211,21 @@ def test_only_a_scheduler_told_to_own_champion_moves_it():
 def test_a_scheduler_that_does_not_own_champion_records_only_and_warns_of_a_better_score():
     recorder = champion_authority(DIGEST, OTHER, owns=False, take_over=False)
     note = recorder.note
-    promotion = decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[3, 4, 5], pseudo={5})
-    better, plain = f"recorded only (FID 9.0000 < champion v2 FID 12.5000): {note}", f"recorded only: {note}"
+    promotion = decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[3, 4, 5], pseudo={5},
+                                 name=FID)
+    better, plain = f"recorded only (fid 9.0000 < champion v2's 12.5000): {note}", f"recorded only: {note}"
     assert promotion == Promotion(None, {3: Decision(better, {"fid": 9.0, "decision": better}),
                                          4: Decision(plain, {"fid": 20.0, "decision": plain}),
                                          5: Decision(plain, {"fid": "", "decision": plain})},
-                                  f"v3 would be champion (FID 9.0000 < champion v2 FID 12.5000) but is recorded only: "
+                                  f"v3 would be champion (fid 9.0000 < champion v2's 12.5000) but is recorded only: "
                                   f"{note}")
     # No champion at all: the first verified score would be it.
-    first = decide_promotion(recorder, {3: 9.0}, None, None, new=[3])
+    first = decide_promotion(recorder, {3: 9.0}, None, None, new=[3], name=FID)
     assert first.champion is None and first.warning == (
-        f"v3 would be champion (FID 9.0000; no champion before) but is recorded only: {note}")
+        f"v3 would be champion (fid 9.0000; no champion before) but is recorded only: {note}")
     # Nothing better, or a better score warned of on an earlier tick: no warning.
-    assert decide_promotion(recorder, {2: 12.5, 4: 20.0}, 2, SUCCEEDED, new=[4]).warning == ""
-    assert decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[4]).warning == ""
+    assert decide_promotion(recorder, {2: 12.5, 4: 20.0}, 2, SUCCEEDED, new=[4], name=FID).warning == ""
+    assert decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[4], name=FID).warning == ""
 
 
 def test_a_record_counts_only_when_its_own_succeeded_batch_vouches_for_it():
