@@ -13,6 +13,7 @@ new version of `ddpm-<preset>` in the MLflow registry, alias `candidate`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -24,6 +25,7 @@ from ddpm_core.errors import ArgumentError, UserError
 from ddpm_core.presets import PRESETS, get_preset
 from ddpm_core.sharding import DatasetError, read_dataset_info
 from ddpm_core.storage import open_storage
+from pipelines.arguments import add_cpus_argument
 from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.train")
@@ -36,15 +38,20 @@ RESUMABLE = ("train.steps", "workers", "gpu", "compile", "train.micro_batch", "d
 
 def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None,
                   presets: tuple[str, ...] = tuple(PRESETS)) -> None:
-    parser.add_argument("--data", required=True, help="dataset root made by the sharding job (path or s3://)")
-    parser.add_argument("--preset", default=default_preset, required=default_preset is None, choices=presets)
+    parser.add_argument("--data", help="dataset root made by `ddpm shard` (path or s3://); required unless "
+                                       "--print-config")
+    parser.add_argument("--preset", default=default_preset, required=default_preset is None, choices=presets,
+                        help="the named configuration (`ddpm presets` lists them)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override any preset field, e.g. --set train.lr=1e-5 (repeatable)")
-    parser.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU (gloo)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the preset with every --set) as JSON and exit")
+    parser.add_argument("--workers", type=int, default=1, help="DDP workers")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); else CPU (gloo)")
+    add_cpus_argument(parser, "DDP worker")
     parser.add_argument("--loader-workers", type=int, default=2, help="data loader processes per worker")
-    parser.add_argument("--storage", default="runs", help="checkpoint storage: local path or s3:// (default ./runs)")
+    parser.add_argument("--storage", default="runs", help="where the checkpoints go, in <storage>/<name>: local folder "
+                                                          "or s3://")
     parser.add_argument("--name", default=None, help="run name; the same name resumes, with the same dataset and "
                                                      "config (see --force-new) (default <preset>-<data>)")
     parser.add_argument("--force-new", action="store_true",
@@ -56,13 +63,19 @@ def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = 
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset's name)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="fp32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 autocast where it is fast (CUDA, CPUs with native bf16), else fp32; --no-bf16: "
+                             "fp32 everywhere")
     parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_job(train, args)
+    return run_job(print_config if args.print_config else train, args)
+
+
+def print_config(args: argparse.Namespace) -> None:
+    """The config a run of these flags would train: the preset with every --set, as JSON (no Ray, no MLflow)."""
+    print(json.dumps(get_preset(args.preset).with_overrides(args.set).to_dict(), indent=2))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -73,6 +86,8 @@ def train(args: argparse.Namespace) -> None:
     from pipelines.ray_runtime import init_ray, require_resources
 
     config = get_preset(args.preset).with_overrides(args.set)
+    if args.data is None:
+        raise ArgumentError("--data is required: the dataset root made by `ddpm shard`")
     if args.workers < 1:
         raise ArgumentError(f"--workers must be >= 1, got {args.workers}")
     if config.train.batch_size % args.workers:

@@ -38,7 +38,7 @@ def registered(tmp_path_factory):
 
 
 def common(registered, out, *extra):
-    return ["--out", str(out), "--tracking-uri", registered["tracking"], "--cpus-per-actor", "0.5",
+    return ["--out", str(out), "--tracking-uri", registered["tracking"], "--cpus-per-worker", "0.5",
             "--per-tar", "8", "--sampler", "ddim", "--steps", "4", *extra]
 
 
@@ -58,7 +58,7 @@ def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s
 
     make_dataset(tmp_path, f"s3://{s3_bucket}/data", n=25, per_shard=8, resolution=16)
     assert reference_main(["--data", f"s3://{s3_bucket}/data", "--features", "random-init",
-                           "--cpus-per-actor", "0.5"]) == 0
+                           "--cpus-per-worker", "0.5"]) == 0
 
     def read(key):
         return s3_client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
