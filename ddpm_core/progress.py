@@ -50,14 +50,14 @@ class Progress:
             self.bar = tqdm(total=total, initial=done, desc=what, unit=" " + what, unit_scale=False,
                             dynamic_ncols=True, file=sys.stderr)
 
-    def rate(self) -> float:
-        """Per second, since the start (the work found done excluded)."""
-        elapsed = time.monotonic() - self.started
+    def rate(self, now: float) -> float:
+        """Per second, from the start to `now` (the work found done excluded)."""
+        elapsed = now - self.started
         return (self.done - self.first) / elapsed if elapsed > 0 else 0.0
 
-    def line(self) -> str:
+    def line(self, now: float) -> str:
         """e.g. `samples 120/1000 (12%), 3.40/s, 4 min left`."""
-        rate = self.rate()
+        rate = self.rate(now)
         left = (self.total - self.done) / rate if rate > 0 else math.inf
         share = f" ({100 * self.done / self.total:.0f}%)" if self.total else ""
         return f"{self.what} {self.done}/{self.total}{share}, {rate:.2f}/s, {format_duration(left)} left"
@@ -69,7 +69,7 @@ class Progress:
             return
         now = time.monotonic()
         if now - self.last_line >= self.interval or self.done >= self.total:
-            self.log.info("%s", self.line())
+            self.log.info("%s", self.line(now))
             self.last_line = now
 
     def close(self) -> None:

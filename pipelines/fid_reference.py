@@ -29,6 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ddpm_core.errors import ArgumentError
 from ddpm_core.fid import image_statistics, merge_statistics, save_reference, statistics_row
 from ddpm_core.inception import feature_network
+from ddpm_core.reference_provenance import RESIZE
 from ddpm_core.sharding import read_dataset_info, read_manifest
 from ddpm_core.storage import open_storage
 from pipelines.arguments import add_cpus_argument
@@ -113,7 +114,7 @@ def reference_statistics(args: argparse.Namespace) -> int:
                           gpu=args.gpu)
     features, _, extractor = merge_statistics(statistics, total if selection is None else len(selection), "images")
     mu, sigma = features.mean_cov()
-    payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize="tf1_bilinear_299",
+    payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize=RESIZE,
                              dataset_fingerprint=info["fingerprint"], features=args.features, **subset)
     if "/" in name:
         parent, _, leaf = name.rpartition("/")
