@@ -7,9 +7,11 @@ first step, every `interval` seconds and at the end.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import math
 import sys
+import threading
 import time
 from collections.abc import Callable, Iterable, Iterator
 from typing import TypeVar
@@ -90,3 +92,37 @@ def track(items: Iterable[Item], total: int, what: str, count: Callable[[Item], 
         for item in items:
             progress.update(count(item))
             yield item
+
+
+@contextlib.contextmanager
+def follow(position: Callable[[], int], total: int, what: str, *, every: float = 5.0,
+           terminal: bool | None = None) -> Iterator[None]:
+    """While the block runs, a bar of `position()` (read every `every` seconds) out of `total`: the progress of
+    work this process waits on but does not do (training on Ray workers, whose output is not a terminal).
+
+    Not on a terminal it does nothing: the work's own log lines carry the same figures.
+    """
+    if not (sys.stderr.isatty() if terminal is None else terminal):
+        yield
+        return
+    stop = threading.Event()
+
+    def read() -> int | None:
+        try:
+            return position()
+        except Exception:  # noqa: BLE001 - a failed read shows as no movement, never as a failed job
+            return None
+
+    def watch(progress: Progress) -> None:
+        while not stop.wait(every):
+            if (now := read()) is not None:
+                progress.update(max(0, now - progress.done))
+
+    with Progress(total, what, done=read() or 0, terminal=True) as progress:
+        watcher = threading.Thread(target=watch, args=(progress,), name=f"progress-{what}", daemon=True)
+        watcher.start()
+        try:
+            yield
+        finally:
+            stop.set()
+            watcher.join()

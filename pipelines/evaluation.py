@@ -89,8 +89,7 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, features_default: str
                         help=f"ddpm: Algorithm 2, all T steps; ddim; dpmpp_2m: DPM-Solver++(2M); unipc: UniPC-2 "
                              f"(default {defaults.sampler}; docs: the quality-vs-cost table)")
     parser.add_argument("--steps", type=int, default=defaults.steps,
-                        help=f"network evaluations of ddim, dpmpp_2m and unipc (ddpm always uses all T; "
-                             f"default {defaults.steps})")
+                        help="network evaluations of ddim, dpmpp_2m and unipc (ddpm always uses all T)")
     parser.add_argument("--spacing", choices=SPACINGS, default=defaults.spacing,
                         help="where those steps lie in 0..T-1 (ddpm: every step). linspace: both ends, DDIM's "
                              "timesteps here so far; leading: diffusers' default; trailing: starts at T-1; "

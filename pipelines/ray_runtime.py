@@ -170,6 +170,9 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
         return ({key: value[0] for key, value in actor({k: np.array([v]) for k, v in item.items()}).items()}
                 for item in items)
     init_ray(address)
+    # The caller's progress (ddpm_core/progress.py) counts images, not rows, and says the time left: Ray Data's
+    # bars of rows beside it would overwrite it on a terminal and repeat it in a cluster job's log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     pool = ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items))))
     # Named after the actor class: Ray's stage, actor and dashboard names say what runs.
     guarded = type(actor_class.__name__, (_UserErrorsAsRows,), {"actor_class": actor_class})

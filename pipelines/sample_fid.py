@@ -120,9 +120,9 @@ def add_arguments(parser: argparse.ArgumentParser, features_default: str = "ince
     unless = " (required unless --images)" if scores else ""
     parser.add_argument("--model", required=not scores, help="models:/<name>@<alias>, models:/<name>/<version> or a "
                                                              f"checkpoint directory{unless}")
+    progressive = "" if scores else "; with --progressive, the PNG to write"
     parser.add_argument("--out", required=not scores, help="folder (local or s3://) of the sample tars, samples.json "
-                                                           "and fid.json; `ddpm sample --progressive`: the PNG to "
-                                                           f"write{unless}")
+                                                           f"and fid.json{progressive}{unless}")
     if scores:
         parser.add_argument("--images", nargs="+", metavar="DIR_OR_TAR",
                             help="score these images against --ref instead of sampling: folders of PNG/JPEG files "

@@ -23,6 +23,7 @@ from ddpm_core.checkpoint import latest_state, read_config
 from ddpm_core.config import Config, ConfigError
 from ddpm_core.errors import ArgumentError, UserError
 from ddpm_core.presets import PRESETS, get_preset
+from ddpm_core.progress import follow
 from ddpm_core.sharding import DatasetError, read_dataset_info
 from ddpm_core.storage import open_storage
 from pipelines.arguments import add_cpus_argument
@@ -122,10 +123,11 @@ def train(args: argparse.Namespace) -> None:
                    "threads_per_worker": max(1, int(args.cpus_per_worker)), "dataset_fingerprint": info["fingerprint"]}
     again = "the same command" + (" without --force-new" if args.force_new else "")
     try:
-        with ray_train.fit(loop_config, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                           storage_uri=storage_uri, folder=run.folder, keep_checkpoints=config.train.keep_checkpoints,
-                           max_failures=args.max_failures,
-                           resume_hint=f"re-run {again} (--name {name}) to resume from the last checkpoint") as done:
+        with follow(lambda: trained_steps(client, run.run_id), config.train.steps, "steps"), ray_train.fit(
+                loop_config, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                storage_uri=storage_uri, folder=run.folder, keep_checkpoints=config.train.keep_checkpoints,
+                max_failures=args.max_failures,
+                resume_hint=f"re-run {again} (--name {name}) to resume from the last checkpoint") as done:
             run.record_final_checkpoint(done.checkpoint_uri)
             version = register(client, run.run_id, done.directory, config, {
                 "dataset_fingerprint": info["fingerprint"], "steps": done.step, "code_version": code_version(),
@@ -136,6 +138,12 @@ def train(args: argparse.Namespace) -> None:
     log.info("done: step %d, %d non-finite steps skipped; checkpoint %s; registered %s version %s "
              "(alias candidate); MLflow run %s", done.step, done.nonfinite_steps, done.checkpoint_uri,
              registered_name(config.preset), version, run.run_id)
+
+
+def trained_steps(client, run_id: str) -> int:
+    """The last step rank 0 has logged metrics of: how far training is, as the driver sees it."""
+    return max((metric.step for metric in client.get_run(run_id).data.to_proto().metrics if metric.key == "loss"),
+               default=0)
 
 
 def check_resume(run, name: str, checkpoints: str, now: dict[str, str]) -> None:

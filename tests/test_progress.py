@@ -1,10 +1,12 @@
 """ddpm_core/progress.py: the time left as one reads it, and the log lines of a job without a terminal."""
 
 import logging
+import re
+import time
 
 import pytest
 
-from ddpm_core.progress import Progress, format_duration, track
+from ddpm_core.progress import Progress, follow, format_duration, track
 
 
 @pytest.mark.parametrize("seconds, shown", [(0, "0 s"), (89, "89 s"), (600, "10 min"), (5399, "90 min"),
@@ -34,3 +36,15 @@ def test_work_found_done_counts_but_is_not_in_the_rate(caplog, monkeypatch):
     with Progress(100, "samples", done=50, terminal=False) as progress:
         progress.update(10)
     assert [r.getMessage() for r in caplog.records] == ["samples 60/100 (60%), 1.00/s, 40 s left"]
+
+
+def test_following_work_done_elsewhere_draws_its_position_on_a_terminal(capsys):
+    positions = iter([40, 40, 70, 100])  # the position at the start, then one per reading
+
+    with follow(lambda: next(positions, 100), 100, "steps", every=0.01, terminal=True):
+        time.sleep(0.3)
+    bar = capsys.readouterr().err
+    assert re.search(r"steps: +40%\|[^|]*\| 40/100 \[", bar) and re.search(r"steps: +100%\|[^|]*\| 100/100 \[", bar)
+    with follow(lambda: 1 / 0, 100, "steps", terminal=False):  # not a terminal: never read, nothing drawn
+        pass
+    assert capsys.readouterr().err == ""
