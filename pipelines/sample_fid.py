@@ -8,6 +8,11 @@ Rows of the Ray Data stage are sample tars (index ranges); each actor holds the 
 Inception network, samples its tars (or re-reads finished ones), and returns exactly mergeable
 float64 statistics. Results: fid.json (pipelines.evaluation.EvaluationResult), an MLflow run, and
 tags on the model version.
+
+    ddpm fid --images /data/generated --ref s3://bucket/lsun-bedroom-256/fid_stats.npz
+
+scores images made elsewhere (PNG/JPEG folders, tars) through the same network and statistics, and prints the
+scores as JSON.
 """
 
 from __future__ import annotations
@@ -100,17 +105,17 @@ class ImageStatistics:
     """A Ray Data actor: the statistics of one chunk of images on disk (`ddpm fid --images`), through the network
     and code path of `SampleAndScore`."""
 
-    def __init__(self, features: str, weights: str | None, batch_size: int, threads: int):
+    def __init__(self, features: str, weights: str | None, threads: int):
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         network, self.extractor = feature_network(features, weights)  # this node's file (ddpm_core/inception.py)
-        self.inception, self.batch_size = network.to(self.device), batch_size
+        self.inception = network.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = int(batch["first"][0])
         features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
         for positions, images in read_chunk(str(batch["tar"][0]), str(batch["files"][0])):
-            found = image_statistics(self.inception, images, first + positions, self.batch_size, self.device)
+            found = image_statistics(self.inception, images, first + positions, device=self.device)
             features, scores = features + found[0], scores + found[1]
         return statistics_row(features, scores, self.extractor)
 
@@ -195,6 +200,8 @@ def score_images(args: argparse.Namespace) -> int:
     JSON; the sampling job's weight checks, network and statistics (`ImageStatistics`)."""
     from pipelines.ray_runtime import map_rows
 
+    if args.model:
+        raise ArgumentError("--images scores images on disk, --model samples a model's: give one of them")
     if not args.ref:
         raise ArgumentError("--images needs --ref: the reference statistics .npz to score against")
     if args.features == "none":
@@ -203,8 +210,7 @@ def score_images(args: argparse.Namespace) -> int:
     total = sum(chunk["count"] for chunk in chunks)
     check_small_n(args, total, "score at least 2048 images (published FIDs: 50,000)")
     reference, reference_sha = read_reference(args)
-    actor = {"features": args.features, "weights": args.inception_weights, "batch_size": args.batch_size,
-             "threads": max(1, int(args.cpus_per_worker))}
+    actor = {"features": args.features, "weights": args.inception_weights, "threads": max(1, int(args.cpus_per_worker))}
     rows = map_rows(ImageStatistics, actor, chunks, args.actors, args.address, num_cpus=args.cpus_per_worker,
                     gpu=args.gpu)
     features, scores, extractor = merge_statistics(rows, total, "images")

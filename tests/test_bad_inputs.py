@@ -105,6 +105,8 @@ CASES = {
     "fid: output of other samples": (["fid", "--model", R + "/checkpoint", "--out", R + "/data", "--features",
                                       "none", *SAMPLE], "already holds other files"),
     "fid: neither --model nor --images": (["fid", "--out", R + "/o", *SAMPLE], "--model and --out are required"),
+    "fid: --images and --model": (["fid", "--images", R + "/images", "--model", R + "/checkpoint", "--ref",
+                                   R + "/ref.npz"], "give one of them"),
     "fid: --images without --ref": (["fid", "--images", R + "/images", "--features", "random-init", "--actors", "0"],
                                     "--images needs --ref"),
     "fid: --images folder without images": (["fid", "--images", R + "/empty", "--ref", R + "/small.npz",

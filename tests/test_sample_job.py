@@ -365,7 +365,7 @@ def test_fid_of_images_on_disk_equals_the_sampling_jobs_score(tmp_path, register
     capsys.readouterr()
     for images in (folder, out / "samples"):
         assert ddpm(["fid", "--images", str(images), "--ref", str(ref), "--features", "random-init",
-                     "--allow-small-n", "--actors", "0", "--batch-size", "3"]) == 0
+                     "--allow-small-n", "--actors", "0"]) == 0
         scored = json.loads(capsys.readouterr().out)
         assert scored["images"] == 10 and scored["inception_weights_sha256"] == job["inception_weights_sha256"]
         assert scored["reference_sha256"] == job["reference_sha256"] and "fid" not in scored
