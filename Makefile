@@ -13,6 +13,8 @@ setup: $(VENV)/.installed
 # Byte-compiled once, on every core: pip compiles file by file (95 of a 190 s install on 2 cores), and
 # where PYTHONDONTWRITEBYTECODE is set nothing compiles on import, so every process would recompile torch.
 # Files that are not Python 3.11 (templates, test data of some packages) fail to compile, as pip ignores.
+# The test extra brings the server extra (mlflow[auth]: the tests and infra/local/up.sh run an MLflow server);
+# the demo needs only the main dependencies.
 $(VENV)/.installed: pyproject.toml Makefile
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --no-compile $(TORCH_PIN)
@@ -28,7 +30,7 @@ test: setup
 
 # The whole pipeline on this machine (local Ray, MLflow on SQLite, local disk, CPU); DEMO_FAST=1 for a quick run.
 demo: setup
-	$(BIN)/python -m pipelines.demo --dir demo
+	$(BIN)/ddpm demo --dir demo
 
 bench: setup
 	$(BIN)/python bench/unet_cpu.py

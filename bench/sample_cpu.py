@@ -95,7 +95,7 @@ def main() -> None:
             code = sample_main(["--model", str(checkpoint), "--num", str(args.job_samples), "--out",
                                 str(root / f"out{actors}"), "--sampler", "ddim", "--steps", "50", "--features",
                                 "none", "--actors", str(actors), "--batch-size", str(b), "--per-tar", str(b),
-                                "--cpus-per-actor", str(2 / actors), "--tracking-uri",
+                                "--cpus-per-worker", str(2 / actors), "--tracking-uri",
                                 f"sqlite:///{root / 'mlflow.db'}"])
             assert code == 0
             job_rates[actors] = args.job_samples / (time.perf_counter() - start)

@@ -316,7 +316,7 @@ class GaussianDiffusion:
 
     @torch.no_grad()
     def interpolate(self, model: Denoiser, x_a: torch.Tensor, x_b: torch.Tensor, t: int, lambdas: Sequence[float],
-                    seed: int, device: torch.device | str = "cpu") -> torch.Tensor:
+                    seed: int, device: torch.device | str = "cpu", progress: Progress | None = None) -> torch.Tensor:
         """§4.4, Fig. 8: diffuse two images to step t, mix the latents (1-λ)x_t + λx'_t, and decode.
 
         Every λ shares the same reverse-chain noise (one generator per λ, all seeded with `seed`),
@@ -335,7 +335,7 @@ class GaussianDiffusion:
         mixed = (1.0 - lam) * latents[0] + lam * latents[1]
         generators = [torch.Generator(device=device).manual_seed(seed + 1) for _ in lambdas]
         chain = self.p_sample_loop_progressive(model, mixed.shape, generators, device, x_t=mixed, start_t=t)
-        return final_sample(chain, t + 1)
+        return final_sample(chain, t + 1, progress)
 
     @torch.no_grad()
     def ddim_sample_loop_progressive(self, model: Denoiser, shape: Sequence[int], steps: int = 50, eta: float = 0.0,

@@ -10,8 +10,6 @@ Score exp(E_x KL(p(y|x) || p(y))) is streamed per split as (n, Σ p(y|x), Σ Σ_
 from __future__ import annotations
 
 import io
-import logging
-import time
 import zipfile
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -19,9 +17,9 @@ from dataclasses import dataclass
 import numpy as np
 
 from .errors import UserError, first_line
+from .progress import track
 
 FEATURE_DIM = 2048
-log = logging.getLogger(__name__)
 
 
 class StatsError(UserError):
@@ -165,18 +163,15 @@ def statistics_row(features: FeatureStats, scores: ScoreStats, extractor: str) -
 
 def merge_statistics(rows: Iterable[dict], total: int, what: str) -> tuple[FeatureStats, ScoreStats, str | None]:
     """The sum of `statistics_row` rows (a row with only `n` counts images without statistics) and their one
-    extractor (None without statistics), logging progress as `what done/total`. Rows computed by different
+    extractor (None without statistics), showing progress as `what done/total` (progress.py). Rows computed by different
     networks (nodes holding different weights files) are refused: their sum would be no one's statistics."""
     features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
     extractors: set[str] = set()
-    done, started = 0, time.monotonic()
-    for row in rows:
-        done += int(row["n"])
+    for row in track(rows, total, what, count=lambda row: int(row["n"])):
         if "total" in row:
             features = features + FeatureStats(int(row["n"]), row["total"], row["outer"])
             scores = scores + ScoreStats(row["is_n"], row["is_prob"], row["is_plogp"])
             extractors.add(str(row["extractor"]))
-        log.info("%s %d/%d, %.2f/s", what, done, total, done / (time.monotonic() - started))
     if len(extractors) > 1:
         raise StatsError(f"the {what} were scored by different feature networks ({', '.join(sorted(extractors))}): "
                          "give every node the same Inception weights file")

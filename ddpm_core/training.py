@@ -26,6 +26,7 @@ from .config import Config, TrainConfig
 from .diffusion import GaussianDiffusion
 from .ema import EMA
 from .pixels import image_grid, to_uint8
+from .progress import format_duration
 from .rng import image_generators, image_seed
 
 log = logging.getLogger("ddpm.train")  # the training job's logger: its progress lines keep their name
@@ -235,7 +236,8 @@ class TrainingLoop:
         if self.device.type == "cuda":
             values["gpu_memory_gib"] = torch.cuda.max_memory_allocated(self.device) / 2**30
         on_metrics(values, step)
-        log.info("step %d/%d: loss %.4f, %.1f images/s, about %.0f min left", step, train.steps, values["loss"],
-                 values["images_per_s"], (train.steps - step) * train.batch_size / values["images_per_s"] / 60)
+        log.info("step %d/%d: loss %.4f, %.1f images/s, about %s left", step, train.steps, values["loss"],
+                 values["images_per_s"],
+                 format_duration((train.steps - step) * train.batch_size / values["images_per_s"]))
         # The next window starts after the report, so the time `on_metrics` took (an MLflow call) is in none.
         stream.window, stream.window_start, stream.window_first_step = [], time.monotonic(), step

@@ -1,18 +1,31 @@
-"""The `ddpm` command: one subcommand per job of the pipeline.
+"""The `ddpm` command: one subcommand per job of the pipeline, and the demo.
 
 Every job imports Ray and MLflow only when it runs, so `ddpm --help` and `ddpm presets` need neither.
+`python pipelines/<job>.py` runs the same job with the same flags: the entry point of `ray job submit`.
 """
 
 from __future__ import annotations
 
 import argparse
 import functools
+import importlib.metadata
 import json
 import sys
 
 from ddpm_core.model_stats import preset_summary
 from ddpm_core.presets import PRESETS
-from pipelines import calibrate, convert, fid_reference, paper_figures, sample_fid, schedule_sampling, shard, train
+from pipelines import (
+    calibrate,
+    convert,
+    demo,
+    fid_reference,
+    paper_figures,
+    sample_fid,
+    schedule_sampling,
+    shard,
+    train,
+)
+from pipelines.arguments import DefaultsFormatter
 from pipelines.job_runner import run_job
 
 TABLE_COLUMNS = (
@@ -71,13 +84,21 @@ def add_presets_arguments(parser: argparse.ArgumentParser) -> None:
 
 def add_sample_arguments(parser: argparse.ArgumentParser) -> None:
     sample_fid.add_arguments(parser, features_default="none")
-    parser.add_argument("--progressive", action="store_true", help="write the Fig. 6 strip to --out (a PNG)")
+    parser.add_argument("--progressive", action="store_true",
+                        help="write the Fig. 6 strip instead: --num rows (at most 64) of x̂0 to the PNG --out")
     parser.add_argument("--every", type=int, default=100, help="steps between x̂0 snapshots (--progressive)")
 
 
 def add_fetch_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--url", default=None, help="a mirror (default: DDPM_INCEPTION_URL, else pytorch-fid's "
                                                     "release)")
+
+
+def package_version() -> str:
+    try:
+        return importlib.metadata.version("ddpm-ray")
+    except importlib.metadata.PackageNotFoundError:  # a checkout on PYTHONPATH, not installed
+        return "unknown (not installed)"
 
 
 # (command, one-line help, description, add_arguments, run)
@@ -109,6 +130,9 @@ COMMANDS = (
      calibrate.add_arguments, calibrate.run),
     ("convert", "diffusers folders in (and registered) or out",
      "Bridge to Hugging Face diffusers (UNet2DModel / DDPMPipeline).", convert.add_arguments, convert.run),
+    ("demo", "the whole pipeline on this machine, on scikit-learn's digits (make demo)",
+     "Shard, reference statistics, train, register, score and one scheduler tick on a local Ray head, MLflow on "
+     "SQLite and the local disk (pipelines/demo.py).", demo.add_arguments, demo.run),
     ("fetch-weights", "download the FID Inception weights into the cache, verified by sha256",
      "Pre-seed the cache (DDPM_CACHE, default ~/.cache/ddpm-ray) with the FID Inception weights, e.g. while "
      "building an image for an air-gapped cluster (DDPM_INCEPTION_DOWNLOAD=0).", add_fetch_arguments,
@@ -117,10 +141,12 @@ COMMANDS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.")
+    parser = argparse.ArgumentParser(prog="ddpm", description="Train and evaluate DDPM models on Ray.",
+                                     formatter_class=DefaultsFormatter)
+    parser.add_argument("--version", action="version", version=f"%(prog)s {package_version()}")
     commands = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     for name, summary, description, add_arguments, run in COMMANDS:
-        command = commands.add_parser(name, help=summary, description=description)
+        command = commands.add_parser(name, help=summary, description=description, formatter_class=DefaultsFormatter)
         add_arguments(command)
         command.set_defaults(run=run)
     return parser

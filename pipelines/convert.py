@@ -20,6 +20,7 @@ from pathlib import Path
 from ddpm_core.checkpoint import save_model_folder
 from ddpm_core.diffusers_bridge import DATASET_PRESETS, BridgeError, download_hub, export_folder, import_folder
 from ddpm_core.presets import PRESETS
+from pipelines.arguments import add_tracking_argument
 from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.convert")
@@ -27,7 +28,8 @@ log = logging.getLogger("ddpm.convert")
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     direction = parser.add_subparsers(dest="direction", required=True, metavar="DIRECTION")
-    imports = direction.add_parser("import", help="a diffusers folder or Hub repo → our model (and the registry)")
+    imports = direction.add_parser("import", formatter_class=parser.formatter_class,
+                                    help="a diffusers folder or Hub repo → our model (and the registry)")
     source = imports.add_mutually_exclusive_group(required=True)
     source.add_argument("--folder", help="DDPMPipeline folder (unet/, scheduler/) or UNet2DModel")
     source.add_argument("--hub", metavar="REPO", help="a Hub repo, e.g. google/ddpm-cifar10-32 (huggingface_hub's "
@@ -41,15 +43,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                          help="override a training setting of the preset, e.g. --set model.dropout=0.2 (repeatable; "
                               "default: the preset's, e.g. cifar10's 0.1); the architecture is the folder's")
     imports.add_argument("--register", action="store_true", help="register as ddpm-<preset>, alias candidate")
-    imports.add_argument("--out", default=None, help="also write a model folder here")
-    imports.add_argument("--tracking-uri", default=None)
-    registers = direction.add_parser("register", help="a model folder or checkpoint → ddpm-<preset>, alias candidate")
+    imports.add_argument("--out", default=None, help="also write a model folder (config.json, ema.safetensors) here "
+                                                     "(default: none)")
+    add_tracking_argument(imports)
+    registers = direction.add_parser("register", formatter_class=parser.formatter_class,
+                                      help="a model folder or checkpoint → ddpm-<preset>, alias candidate")
     registers.add_argument("--model", required=True, help="a model folder or a checkpoint directory")
-    registers.add_argument("--tracking-uri", default=None)
-    exports = direction.add_parser("export", help="our checkpoint, model folder or registered version → diffusers")
+    add_tracking_argument(registers)
+    exports = direction.add_parser("export", formatter_class=parser.formatter_class,
+                                    help="our checkpoint, model folder or registered version → diffusers")
     exports.add_argument("--model", required=True, help="models:/..., a checkpoint directory or a model folder")
-    exports.add_argument("--out", required=True, help="folder for DDPMPipeline.from_pretrained")
-    exports.add_argument("--tracking-uri", default=None)
+    exports.add_argument("--out", required=True, help="the diffusers folder to write, for "
+                                                      "DDPMPipeline.from_pretrained")
+    add_tracking_argument(exports)
 
 
 def run(args: argparse.Namespace) -> int:

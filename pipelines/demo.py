@@ -1,6 +1,6 @@
 """`make demo`: the whole pipeline on one machine, on scikit-learn's handwritten digits.
 
-    python -m pipelines.demo [--dir demo] [--fast]
+    ddpm demo [--dir demo] [--fast]          # also: make demo, python -m pipelines.demo
 
 Local Ray on 127.0.0.1 (with its job API, for the scheduler), MLflow on SQLite, the local disk for
 storage, CPU. Stages: build an LSUN-style LMDB of the digits, upscaled → shard it (the LSUN path) → reference
@@ -30,6 +30,7 @@ from ddpm_core.presets import get_preset
 from ddpm_core.sampling import read_sample_tar
 from ddpm_core.sharding import read_manifest
 from ddpm_core.storage import open_storage
+from pipelines.arguments import DefaultsFormatter
 
 
 @dataclass(frozen=True)
@@ -108,14 +109,24 @@ def save_untrained(directory: Path) -> Path:
                            TrainingState(step=0, config=config.to_dict()))
 
 
-def main(argv: list[str] | None = None) -> int:
-    from pipelines.ray_runtime import LocalHead
-
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dir", default="demo", help="where everything goes (default ./demo)")
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--dir", default="demo", help="where everything goes: data, runs, MLflow, samples (the "
+                                                      "demo's --out)")
     parser.add_argument("--fast", action="store_true", default=os.environ.get("DEMO_FAST") == "1",
                         help="a few steps only (CI); also DEMO_FAST=1")
-    args = parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """`python -m pipelines.demo` and `make demo`; `ddpm demo` is the same."""
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0], formatter_class=DefaultsFormatter)
+    add_arguments(parser)
+    return run(parser.parse_args(argv))
+
+
+def run(args: argparse.Namespace) -> int:
+    """Every stage on a local Ray head of its own, stopped at the end."""
+    from pipelines.ray_runtime import LocalHead
+
     size = FAST if args.fast else FULL
     root = Path(args.dir).expanduser().resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -154,7 +165,7 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
     # bf16 for the network, the same for the baseline and the scheduler's batch so that scores compare.
     scoring = ["--features", features, "--allow-small-n", "--sampler", "ddim", "--steps", str(size.ddim_steps),
                "--eta", "1.0", "--bf16", "--num", str(size.samples), "--per-tar", str(size.samples), "--ref", str(ref),
-               "--cpus-per-actor", "1", "--batch-size", "64", "--tracking-uri", tracking,
+               "--cpus-per-worker", "1", "--batch-size", "64", "--tracking-uri", tracking,
                *(["--inception-weights", weights] if weights else [])]
     print(f"\nddpm-ray demo in {root} ({'fast' if args.fast else 'full'}: {size.images} images, {size.steps} "
           f"training steps, {size.samples} samples scored by {label.replace('_', '-')})", flush=True)

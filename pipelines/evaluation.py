@@ -23,6 +23,7 @@ from ddpm_core.errors import UserError
 from ddpm_core.fid import FEATURE_DIM
 from ddpm_core.inception import FEATURES, accepted_weights
 from ddpm_core.sampling import SAMPLERS, SPEC_DEFAULTS, SamplesError, SampleSpec, bf16_is_fast
+from pipelines.arguments import add_cpus_argument
 
 PUBLISHED_N = 50000  # samples per published FID
 # Settings added after the first specs and results were recorded, with the value those meant.
@@ -88,13 +89,13 @@ def add_sampler_arguments(parser: argparse.ArgumentParser, features_default: str
                         help=f"ddpm: Algorithm 2, all T steps; ddim; dpmpp_2m: DPM-Solver++(2M); unipc: UniPC-2 "
                              f"(default {defaults.sampler}; docs: the quality-vs-cost table)")
     parser.add_argument("--steps", type=int, default=defaults.steps,
-                        help=f"network evaluations of ddim, dpmpp_2m and unipc (ddpm always uses all T; "
-                             f"default {defaults.steps})")
+                        help="network evaluations of ddim, dpmpp_2m and unipc (ddpm always uses all T)")
     parser.add_argument("--spacing", choices=SPACINGS, default=defaults.spacing,
                         help="where those steps lie in 0..T-1 (ddpm: every step). linspace: both ends, DDIM's "
                              "timesteps here so far; leading: diffusers' default; trailing: starts at T-1; "
                              "quadratic: DDIM's CIFAR-10 choice")
-    parser.add_argument("--eta", type=float, default=defaults.eta, help="DDIM eta (the solvers are deterministic)")
+    parser.add_argument("--eta", type=float, default=defaults.eta,
+                        help="DDIM eta: 0 deterministic, 1 as stochastic as DDPM (dpmpp_2m, unipc: deterministic)")
     parser.add_argument("--clip", action=argparse.BooleanOptionalAction, default=None,
                         help="clip x̂0 to [-1, 1] at every step (default: the model's clip_denoised, on for every "
                              "preset, as the paper; the scheduler records it as on). Recorded in samples.json")
@@ -109,9 +110,11 @@ def add_sample_set_arguments(parser: argparse.ArgumentParser, features_default: 
     """Of every sample set, whatever its sampler: N, reference, seed, features, and how a batch runs."""
     parser.add_argument("--num", type=int, default=PUBLISHED_N,
                         help=f"number of samples N (default {PUBLISHED_N}, as published FIDs)")
-    parser.add_argument("--ref", default=None, help="reference statistics .npz (ours, pytorch-fid, clean-fid, ADM)")
+    parser.add_argument("--ref", default=None, help="reference statistics .npz (ours from `ddpm fid-ref`, "
+                                                     "pytorch-fid's, clean-fid's legacy_tensorflow, ADM's); default: "
+                                                     "none, no FID")
     parser.add_argument("--seed", type=int, default=0, help="base seed: image i uses (seed, i)")
-    parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar")
+    parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar (a tar is the unit of resume)")
     parser.add_argument("--features", choices=FEATURES, default=features_default,
                         help="inception: the FID network (verified weights); random-init: development only, "
                              "reported as pseudo-FID, which never promotes; none: sample only")
@@ -119,7 +122,7 @@ def add_sample_set_arguments(parser: argparse.ArgumentParser, features_default: 
                                                               "this process, without Ray (small sample sets)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
     parser.add_argument("--batch-size", type=int, default=64, help="images per forward pass on an actor")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
+    add_cpus_argument(parser, "sampling actor")
     add_weights_argument(parser)
     parser.add_argument("--allow-small-n", action="store_true",
                         help=f"allow N < {FEATURE_DIM} (the covariance is then singular; tests and smoke runs only)")
@@ -135,7 +138,7 @@ def add_weights_argument(parser: argparse.ArgumentParser) -> None:
 def run_options(args: argparse.Namespace) -> list[str]:
     """The sampler flags that say how a batch runs (resources, batch size), not what the evaluation is."""
     options = ["--actors", str(args.actors), "--batch-size", str(args.batch_size),
-               "--cpus-per-actor", str(args.cpus_per_actor)]
+               "--cpus-per-worker", str(args.cpus_per_worker)]
     options += ["--gpu"] if args.gpu else []
     options += ["--allow-small-n"] if args.allow_small_n else []
     return options + (["--inception-weights", args.inception_weights] if args.inception_weights else [])

@@ -29,8 +29,10 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ddpm_core.errors import ArgumentError
 from ddpm_core.fid import image_statistics, merge_statistics, save_reference, statistics_row
 from ddpm_core.inception import feature_network
+from ddpm_core.reference_provenance import RESIZE
 from ddpm_core.sharding import read_dataset_info, read_manifest
 from ddpm_core.storage import open_storage
+from pipelines.arguments import add_cpus_argument
 from pipelines.evaluation import add_weights_argument
 from pipelines.job_runner import command_line, run_job
 
@@ -64,9 +66,12 @@ class ShardStatistics:
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset root made by the sharding job")
-    parser.add_argument("--out", default=None, help="output .npz (default <data>/fid_stats.npz, or "
-                                                    "fid_stats_pseudo.npz with --features random-init)")
-    parser.add_argument("--features", choices=("inception", "random-init"), default="inception")
+    parser.add_argument("--out", default=None, help="the .npz to write: a name (in --data) or a path, local or s3:// "
+                                                    "(default <data>/fid_stats.npz, or fid_stats_pseudo.npz with "
+                                                    "--features random-init)")
+    parser.add_argument("--features", choices=("inception", "random-init"), default="inception",
+                        help="inception: the FID network (verified weights); random-init: the pseudo-FID network "
+                             "(development only)")
     add_weights_argument(parser)
     parser.add_argument("--shards", type=int, default=None,
                         help="use only the first K shards (a quicker, noisier reference; N is recorded)")
@@ -76,9 +81,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--subset-seed", type=int, default=None,
                         help="with --subset: the seed of its draw (default 0; recorded in the .npz)")
     parser.add_argument("--actors", type=int, default=1, help="Ray actors; 0: in this process, without Ray")
-    parser.add_argument("--gpu", action="store_true")
-    parser.add_argument("--cpus-per-actor", type=float, default=1.0)
-    parser.add_argument("--address", default=None)
+    parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
+    add_cpus_argument(parser, "scoring actor")
+    parser.add_argument("--address", default=None, help="Ray address (default: RAY_ADDRESS, else a local Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -104,12 +109,12 @@ def reference_statistics(args: argparse.Namespace) -> int:
              if selection is None or np.searchsorted(selection, offset + row["num_samples"]) > np.searchsorted(
                  selection, offset)]  # a shard none of whose images were drawn is not read
     actor = {"data": storage.uri, "features": args.features, "weights": args.inception_weights,
-             "threads": max(1, int(args.cpus_per_actor)), "selection": selection}
-    statistics = map_rows(ShardStatistics, actor, items, args.actors, args.address, num_cpus=args.cpus_per_actor,
+             "threads": max(1, int(args.cpus_per_worker)), "selection": selection}
+    statistics = map_rows(ShardStatistics, actor, items, args.actors, args.address, num_cpus=args.cpus_per_worker,
                           gpu=args.gpu)
     features, _, extractor = merge_statistics(statistics, total if selection is None else len(selection), "images")
     mu, sigma = features.mean_cov()
-    payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize="tf1_bilinear_299",
+    payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize=RESIZE,
                              dataset_fingerprint=info["fingerprint"], features=args.features, **subset)
     if "/" in name:
         parent, _, leaf = name.rpartition("/")

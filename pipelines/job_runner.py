@@ -12,6 +12,7 @@ import logging
 from collections.abc import Callable
 
 from ddpm_core.errors import UserError
+from pipelines.arguments import DefaultsFormatter
 
 log = logging.getLogger("ddpm")
 
@@ -33,6 +34,6 @@ def run_job(body: Callable[[argparse.Namespace], int | None], args: argparse.Nam
 def command_line(description: str, add_arguments: Callable[[argparse.ArgumentParser], None],
                  run: Callable[[argparse.Namespace], int], argv: list[str] | None = None) -> int:
     """Parse `argv` with the job's arguments and run it: the `main` of every `python pipelines/<job>.py`."""
-    parser = argparse.ArgumentParser(description=description)
+    parser = argparse.ArgumentParser(description=description, formatter_class=DefaultsFormatter)
     add_arguments(parser)
     return run(parser.parse_args(argv))

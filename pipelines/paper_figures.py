@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import argparse
+import functools
 import io
 import logging
 from pathlib import Path
@@ -19,7 +20,9 @@ from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.errors import ArgumentError
 from ddpm_core.image_prep import ImageRejected, Preprocess, decode_rgb
 from ddpm_core.pixels import image_grid, to_uint8
+from ddpm_core.progress import track
 from ddpm_core.rng import image_generators
+from pipelines.arguments import add_tracking_argument
 from pipelines.job_runner import run_job
 
 log = logging.getLogger("ddpm.figures")
@@ -49,7 +52,7 @@ def progressive(args: argparse.Namespace) -> None:
     snapshots = []
     chain = diffusion.p_sample_loop_progressive(model, (args.num, config.model.in_channels, r, r),
                                                 image_generators(args.seed, range(args.num)))
-    for step in chain:
+    for step in track(chain, diffusion.num_timesteps, "steps"):
         if step.t % args.every == 0 or step.t == diffusion.num_timesteps - 1:
             snapshots.append(to_uint8(step.pred_x0))
     grid = np.stack(snapshots, axis=1).reshape(-1, r, r, 3)  # row-major: image × time
@@ -73,7 +76,8 @@ def interpolate(args: argparse.Namespace) -> None:
         pixels = np.asarray(Image.open(io.BytesIO(encoded)).convert("RGB"))
         sources.append(torch.from_numpy(pixels.copy()).permute(2, 0, 1).float() / 127.5 - 1)
     lambdas = np.linspace(0, 1, args.steps_between + 2).tolist()
-    mixed = diffusion.interpolate(model, sources[0], sources[1], args.t, lambdas, args.seed)
+    mixed = diffusion.interpolate(model, sources[0], sources[1], args.t, lambdas, args.seed,
+                                  progress=functools.partial(track, what="steps"))
     row = np.concatenate([to_uint8(sources[0][None]), to_uint8(mixed), to_uint8(sources[1][None])])
     out = Path(args.out)
     Image.fromarray(image_grid(row, columns=len(row))).save(out)
@@ -85,9 +89,9 @@ def add_interpolate_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--images", nargs=2, required=True, metavar=("A", "B"), help="two image files")
     parser.add_argument("--t", type=int, default=500, help="diffusion step of the mix (Fig. 8 uses 250-1000)")
     parser.add_argument("--steps-between", type=int, default=9, help="interpolated images between the ends")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", required=True, help="output PNG")
-    parser.add_argument("--tracking-uri", default=None)
+    parser.add_argument("--seed", type=int, default=0, help="seed of the forward and reverse noise (every λ shares it)")
+    parser.add_argument("--out", required=True, help="the PNG to write: one row, source A to source B")
+    add_tracking_argument(parser)
 
 
 def run(args: argparse.Namespace, figure) -> int:

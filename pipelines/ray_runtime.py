@@ -17,6 +17,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import warnings
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -170,12 +171,21 @@ def map_rows(actor_class, actor_kwargs: dict, items: list[dict], actors: int, ad
         return ({key: value[0] for key, value in actor({k: np.array([v]) for k, v in item.items()}).items()}
                 for item in items)
     init_ray(address)
+    # The caller's progress (ddpm_core/progress.py) counts images, not rows, and says the time left: Ray Data's
+    # bars of rows beside it would overwrite it on a terminal and repeat it in a cluster job's log.
+    ray.data.DataContext.get_current().enable_progress_bars = False
     pool = ray.data.ActorPoolStrategy(size=max(1, min(actors, len(items))))
     # Named after the actor class: Ray's stage, actor and dashboard names say what runs.
     guarded = type(actor_class.__name__, (_UserErrorsAsRows,), {"actor_class": actor_class})
-    return _raise_user_errors(ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
-        guarded, batch_size=1, compute=pool, num_gpus=1 if gpu else 0, num_cpus=num_cpus,
-        fn_constructor_kwargs=actor_kwargs, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES).iter_rows())
+    with warnings.catch_warnings():
+        # Ray 2.60 deprecates **ray_remote_args for the options it names (ray-project/ray#65227); an actor's
+        # restarts and retries are not among them yet, so they stay there, and the warning, which would tell
+        # every user of a sampling job to change code they cannot reach, is this call's alone to silence.
+        warnings.filterwarnings("ignore", message="`ray_remote_args` is deprecated", category=DeprecationWarning)
+        mapped = ray.data.from_items(items, override_num_blocks=len(items)).map_batches(
+            guarded, batch_size=1, compute=pool, num_gpus=1 if gpu else 0, num_cpus=num_cpus,
+            fn_constructor_kwargs=actor_kwargs, max_restarts=ACTOR_RETRIES, max_task_retries=ACTOR_RETRIES)
+    return _raise_user_errors(mapped.iter_rows())
 
 
 def run_tasks(function: Callable, shared, calls: list[tuple], address: str | None, parallel: int | None,

@@ -8,12 +8,18 @@ Rows of the Ray Data stage are sample tars (index ranges); each actor holds the 
 Inception network, samples its tars (or re-reads finished ones), and returns exactly mergeable
 float64 statistics. Results: fid.json (pipelines.evaluation.EvaluationResult), an MLflow run, and
 tags on the model version.
+
+    ddpm fid --images /data/generated --ref s3://bucket/lsun-bedroom-256/fid_stats.npz
+
+scores images made elsewhere (PNG/JPEG folders, tars) through the same network and statistics, and prints the
+scores as JSON.
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import json
 import logging
 import sys
 
@@ -32,9 +38,11 @@ from ddpm_core.fid import (
     merge_statistics,
     statistics_row,
 )
-from ddpm_core.inception import feature_network
+from ddpm_core.image_files import image_chunks, read_chunk
+from ddpm_core.inception import accepted_weights, feature_network
 from ddpm_core.output_lock import OutputLock
 from ddpm_core.pixels import image_grid, to_uint8
+from ddpm_core.reference_provenance import provenance_warning
 from ddpm_core.sampling import (
     LOCK,
     SPEC,
@@ -47,6 +55,7 @@ from ddpm_core.sampling import (
 )
 from ddpm_core.storage import Storage, open_storage, read_uri
 from pipelines.evaluation import (
+    PUBLISHED_N,
     EvaluationResult,
     add_sampler_arguments,
     clip_setting,
@@ -92,17 +101,45 @@ class SampleAndScore:
                               self.extractor)
 
 
+class ImageStatistics:
+    """A Ray Data actor: the statistics of one chunk of images on disk (`ddpm fid --images`), through the network
+    and code path of `SampleAndScore`."""
+
+    def __init__(self, features: str, weights: str | None, threads: int):
+        torch.set_num_threads(threads)
+        self.device = "cuda" if torch.cuda.is_available() else "cpu"
+        network, self.extractor = feature_network(features, weights)  # this node's file (ddpm_core/inception.py)
+        self.inception = network.to(self.device)
+
+    def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+        first = int(batch["first"][0])
+        features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+        for positions, images in read_chunk(str(batch["tar"][0]), str(batch["files"][0])):
+            found = image_statistics(self.inception, images, first + positions, device=self.device)
+            features, scores = features + found[0], scores + found[1]
+        return statistics_row(features, scores, self.extractor)
+
+
 def add_arguments(parser: argparse.ArgumentParser, features_default: str = "inception") -> None:
-    parser.add_argument("--model", required=True, help="models:/<name>@<alias>, models:/<name>/<version> or a "
-                                                       "checkpoint directory")
-    parser.add_argument("--out", required=True, help="where the sample tars go: local path or s3://")
+    scores = features_default != "none"  # `ddpm fid` and this job; `ddpm sample` (features none) only samples
+    unless = " (required unless --images)" if scores else ""
+    parser.add_argument("--model", required=not scores, help="models:/<name>@<alias>, models:/<name>/<version> or a "
+                                                             f"checkpoint directory{unless}")
+    progressive = "" if scores else "; with --progressive, the PNG to write"
+    parser.add_argument("--out", required=not scores, help="folder (local or s3://) of the sample tars, samples.json "
+                                                           f"and fid.json{progressive}{unless}")
+    if scores:
+        parser.add_argument("--images", nargs="+", metavar="DIR_OR_TAR",
+                            help="score these images against --ref instead of sampling: folders of PNG/JPEG files "
+                                 "and tars (at any depth), e.g. a sampling job's --out; prints the scores as JSON. "
+                                 "The sampler flags, --num and --seed do not apply")
     add_sampler_arguments(parser, features_default)
     parser.add_argument("--tracking-uri", default=None, help="MLflow tracking URI (default MLFLOW_TRACKING_URI)")
     parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_job(evaluate, args)
+    return run_job(score_images if getattr(args, "images", None) else evaluate, args)
 
 
 def evaluate(args: argparse.Namespace) -> int:
@@ -110,19 +147,17 @@ def evaluate(args: argparse.Namespace) -> int:
     from pipelines.mlflow_registry import open_model
     from pipelines.mlflow_tracking import connect
 
+    if args.model is None or args.out is None:
+        raise ArgumentError("--model and --out are required (or --images, to score images on disk)")
     model = open_model(args.model, args.tracking_uri)
     client = model.client or connect(model.tracking_uri)  # the evaluation run is logged for any model
     config = model.load()[1]
     scoring = args.features != "none"
     if args.num < 1:
         raise ArgumentError(f"--num must be >= 1, got {args.num}")
-    if scoring and args.num < FEATURE_DIM and not args.allow_small_n:
-        raise SamplesError(f"N={args.num} is smaller than the feature dimension {FEATURE_DIM}: the covariance would be "
-                           "singular and the FID meaningless; use --num 50000 (or >= 2048)")
-    reference, reference_sha = None, None
-    if args.ref and scoring:
-        data = read_uri(args.ref)
-        reference, reference_sha = load_reference(data, args.ref), hashlib.sha256(data).hexdigest()
+    if scoring:
+        check_small_n(args, args.num)
+    reference, reference_sha = read_reference(args) if args.ref and scoring else (None, None)
     storage = open_storage(args.out)
     storage.check_writable()
     steps, spacing, eta = sampler_settings(args, config.diffusion.timesteps)
@@ -145,6 +180,52 @@ def evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def read_reference(args: argparse.Namespace) -> tuple[tuple[np.ndarray, np.ndarray], str]:
+    """--ref's (mu, sigma) and sha256; a warning if it was made with another resize or network than --features."""
+    data = read_uri(args.ref)
+    reference = load_reference(data, args.ref)
+    if (warning := provenance_warning(data, args.ref, args.features)) is not None:
+        log.warning("%s: the Fréchet distance will not mean what it says", warning)
+    return reference, hashlib.sha256(data).hexdigest()
+
+
+def check_small_n(args: argparse.Namespace, num: int, advice: str = "use --num 50000 (or >= 2048)") -> None:
+    if num < FEATURE_DIM and not args.allow_small_n:
+        raise SamplesError(f"N={num} is smaller than the feature dimension {FEATURE_DIM}: the covariance would be "
+                           f"singular and the FID meaningless; {advice}")
+
+
+def score_images(args: argparse.Namespace) -> int:
+    """`ddpm fid --images`: the Fréchet distance and Inception Score of images on disk against --ref, printed as
+    JSON; the sampling job's weight checks, network and statistics (`ImageStatistics`)."""
+    from pipelines.ray_runtime import map_rows
+
+    if args.model:
+        raise ArgumentError("--images scores images on disk, --model samples a model's: give one of them")
+    if not args.ref:
+        raise ArgumentError("--images needs --ref: the reference statistics .npz to score against")
+    if args.features == "none":
+        raise ArgumentError("--images scores images: --features inception or random-init")
+    chunks = image_chunks(args.images)
+    total = sum(chunk["count"] for chunk in chunks)
+    check_small_n(args, total, "score at least 2048 images (published FIDs: 50,000)")
+    reference, reference_sha = read_reference(args)
+    actor = {"features": args.features, "weights": args.inception_weights, "threads": max(1, int(args.cpus_per_worker))}
+    rows = map_rows(ImageStatistics, actor, chunks, args.actors, args.address, num_cpus=args.cpus_per_worker,
+                    gpu=args.gpu)
+    features, scores, extractor = merge_statistics(rows, total, "images")
+    verified = args.features == "inception" and extractor in accepted_weights()
+    prefix = "" if verified and total >= PUBLISHED_N else "spec_" if verified else "pseudo_"
+    inception_score = scores.inception_score()
+    result = {"images": total, f"{prefix}fid": frechet_distance(*features.mean_cov(), *reference),
+              f"{prefix}inception_score": inception_score[0], f"{prefix}inception_score_std": inception_score[1],
+              "features": args.features, "inception_weights_sha256": extractor, "reference": args.ref,
+              "reference_sha256": reference_sha}
+    print(json.dumps(result, indent=2))
+    log.info("done: %s of %d images", {k: v for k, v in result.items() if k.endswith(("fid", "score"))}, total)
+    return 0
+
+
 def sample(args: argparse.Namespace, spec: SampleSpec, storage: Storage,
            tracking_uri: str) -> tuple[FeatureStats, ScoreStats, str | None]:
     """The sample tars of `spec` (finished ones re-read) on a pool of actors, their merged statistics and the
@@ -162,10 +243,10 @@ def sample(args: argparse.Namespace, spec: SampleSpec, storage: Storage,
         rows = [{"tar": k, "start": s, "count": c, "reuse": int(k in finished)} for k, s, c in tars]
         actor = {"model": spec.model, "tracking_uri": tracking_uri, "spec": spec.__dict__, "out": storage.uri,
                  "features": args.features, "weights": args.inception_weights, "batch_size": args.batch_size,
-                 "threads": max(1, int(args.cpus_per_actor))}
+                 "threads": max(1, int(args.cpus_per_worker))}
         try:
             return merge_statistics(map_rows(SampleAndScore, actor, rows, args.actors, args.address,
-                                             num_cpus=args.cpus_per_actor, gpu=args.gpu), spec.num, "samples")
+                                             num_cpus=args.cpus_per_worker, gpu=args.gpu), spec.num, "samples")
         except UserError:
             if fresh and not storage.list("samples/"):
                 storage.delete(SPEC)  # refused before any sample (e.g. no weights on a node): leave nothing

@@ -11,9 +11,9 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
-import time
 
 from ddpm_core.image_prep import ENCODINGS, FILTERS, Preprocess
+from ddpm_core.progress import track
 from ddpm_core.sharding import ShardJob, build_shard
 from ddpm_core.sources import open_source
 from ddpm_core.storage import open_storage
@@ -57,14 +57,14 @@ def shard(args: argparse.Namespace) -> None:
     todo, done = job.pending()
     log.info("%s: %d inputs in %d shards; %d already finished, %d to build",
              storage.uri, sum(p.count for p in job.plans), len(job.plans), len(done), len(todo))
-    results, start, images = list(done), time.monotonic(), 0
+    results = list(done)
     if todo:
-        for result in run_tasks(build_shard, source, [(preprocess, plan, args.split, storage) for plan in todo],
-                                args.address, args.parallel):
-            results.append(result)
-            images += result.num_samples + len(result.rejects)
-            log.info("shards %d/%d, images %d, %.1f images/s", len(results), len(job.plans),
-                     sum(r.num_samples for r in results), images / (time.monotonic() - start))
+        built = run_tasks(build_shard, source, [(preprocess, plan, args.split, storage) for plan in todo],
+                          args.address, args.parallel)
+        # Counted in inputs (written or rejected): the plans' counts, which the time left is of.
+        results += track(built, sum(p.count for p in job.plans), "images",
+                         done=sum(r.num_samples + len(r.rejects) for r in done),
+                         count=lambda result: result.num_samples + len(result.rejects))
     dataset = job.finalize(results)
     counts = dataset["counts"]
     log.info("done: %s — %d written, %d rejected of %d inputs in %d shards; fingerprint %s",

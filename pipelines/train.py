@@ -13,6 +13,7 @@ new version of `ddpm-<preset>` in the MLflow registry, alias `candidate`.
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import sys
 import time
@@ -22,8 +23,10 @@ from ddpm_core.checkpoint import latest_state, read_config
 from ddpm_core.config import Config, ConfigError
 from ddpm_core.errors import ArgumentError, UserError
 from ddpm_core.presets import PRESETS, get_preset
+from ddpm_core.progress import follow
 from ddpm_core.sharding import DatasetError, read_dataset_info
 from ddpm_core.storage import open_storage
+from pipelines.arguments import add_cpus_argument
 from pipelines.job_runner import command_line, run_job
 
 log = logging.getLogger("ddpm.train")
@@ -36,15 +39,20 @@ RESUMABLE = ("train.steps", "workers", "gpu", "compile", "train.micro_batch", "d
 
 def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None,
                   presets: tuple[str, ...] = tuple(PRESETS)) -> None:
-    parser.add_argument("--data", required=True, help="dataset root made by the sharding job (path or s3://)")
-    parser.add_argument("--preset", default=default_preset, required=default_preset is None, choices=presets)
+    parser.add_argument("--data", help="dataset root made by `ddpm shard` (path or s3://); required unless "
+                                       "--print-config")
+    parser.add_argument("--preset", default=default_preset, required=default_preset is None, choices=presets,
+                        help="the named configuration (`ddpm presets` lists them)")
     parser.add_argument("--set", action="append", default=[], metavar="SECTION.FIELD=VALUE",
                         help="override any preset field, e.g. --set train.lr=1e-5 (repeatable)")
-    parser.add_argument("--workers", type=int, default=1, help="DDP workers (default 1)")
-    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); default CPU (gloo)")
-    parser.add_argument("--cpus-per-worker", type=float, default=1.0, help="CPUs reserved per worker")
+    parser.add_argument("--print-config", action="store_true",
+                        help="print the resolved config (the preset with every --set) as JSON and exit")
+    parser.add_argument("--workers", type=int, default=1, help="DDP workers")
+    parser.add_argument("--gpu", action="store_true", help="one GPU per worker (NCCL); else CPU (gloo)")
+    add_cpus_argument(parser, "DDP worker")
     parser.add_argument("--loader-workers", type=int, default=2, help="data loader processes per worker")
-    parser.add_argument("--storage", default="runs", help="checkpoint storage: local path or s3:// (default ./runs)")
+    parser.add_argument("--storage", default="runs", help="where the checkpoints go, in <storage>/<name>: local folder "
+                                                          "or s3://")
     parser.add_argument("--name", default=None, help="run name; the same name resumes, with the same dataset and "
                                                      "config (see --force-new) (default <preset>-<data>)")
     parser.add_argument("--force-new", action="store_true",
@@ -56,13 +64,19 @@ def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = 
     parser.add_argument("--experiment", default=None, help="MLflow experiment (default: the dataset's name)")
     parser.add_argument("--max-failures", type=int, default=3, help="worker-group restarts from the last checkpoint")
     parser.add_argument("--compile", action="store_true", help="torch.compile the model")
-    parser.add_argument("--no-bf16", dest="bf16", action="store_false",
-                        help="fp32 (default: bf16 autocast on CUDA and on CPUs with native bf16)")
+    parser.add_argument("--bf16", action=argparse.BooleanOptionalAction, default=True,
+                        help="bf16 autocast where it is fast (CUDA, CPUs with native bf16), else fp32; --no-bf16: "
+                             "fp32 everywhere")
     parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
 
 
 def run(args: argparse.Namespace) -> int:
-    return run_job(train, args)
+    return run_job(print_config if args.print_config else train, args)
+
+
+def print_config(args: argparse.Namespace) -> None:
+    """The config a run of these flags would train: the preset with every --set, as JSON (no Ray, no MLflow)."""
+    print(json.dumps(get_preset(args.preset).with_overrides(args.set).to_dict(), indent=2))
 
 
 def train(args: argparse.Namespace) -> None:
@@ -73,6 +87,8 @@ def train(args: argparse.Namespace) -> None:
     from pipelines.ray_runtime import init_ray, require_resources
 
     config = get_preset(args.preset).with_overrides(args.set)
+    if args.data is None:
+        raise ArgumentError("--data is required: the dataset root made by `ddpm shard`")
     if args.workers < 1:
         raise ArgumentError(f"--workers must be >= 1, got {args.workers}")
     if config.train.batch_size % args.workers:
@@ -107,10 +123,11 @@ def train(args: argparse.Namespace) -> None:
                    "threads_per_worker": max(1, int(args.cpus_per_worker)), "dataset_fingerprint": info["fingerprint"]}
     again = "the same command" + (" without --force-new" if args.force_new else "")
     try:
-        with ray_train.fit(loop_config, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
-                           storage_uri=storage_uri, folder=run.folder, keep_checkpoints=config.train.keep_checkpoints,
-                           max_failures=args.max_failures,
-                           resume_hint=f"re-run {again} (--name {name}) to resume from the last checkpoint") as done:
+        with follow(lambda: trained_steps(client, run.run_id), config.train.steps, "steps"), ray_train.fit(
+                loop_config, workers=args.workers, gpu=args.gpu, cpus_per_worker=args.cpus_per_worker,
+                storage_uri=storage_uri, folder=run.folder, keep_checkpoints=config.train.keep_checkpoints,
+                max_failures=args.max_failures,
+                resume_hint=f"re-run {again} (--name {name}) to resume from the last checkpoint") as done:
             run.record_final_checkpoint(done.checkpoint_uri)
             version = register(client, run.run_id, done.directory, config, {
                 "dataset_fingerprint": info["fingerprint"], "steps": done.step, "code_version": code_version(),
@@ -121,6 +138,12 @@ def train(args: argparse.Namespace) -> None:
     log.info("done: step %d, %d non-finite steps skipped; checkpoint %s; registered %s version %s "
              "(alias candidate); MLflow run %s", done.step, done.nonfinite_steps, done.checkpoint_uri,
              registered_name(config.preset), version, run.run_id)
+
+
+def trained_steps(client, run_id: str) -> int:
+    """The last step rank 0 has logged metrics of: how far training is, as the driver sees it."""
+    return max((metric.step for metric in client.get_run(run_id).data.to_proto().metrics if metric.key == "loss"),
+               default=0)
 
 
 def check_resume(run, name: str, checkpoints: str, now: dict[str, str]) -> None:

@@ -24,9 +24,11 @@ def inputs(tmp_path_factory):
     make_image_folder(root / "images")
     (root / "empty").mkdir()
     (root / "note.txt").write_text("not an image")
+    (root / "fake.png").write_text("not an image either")
     (root / "picture.png").write_bytes(encode(photo_like(np.random.default_rng(0), 24, 20), "PNG"))
     (root / "small.npz").write_bytes(save_reference(np.zeros(64), np.eye(64)))
-    (root / "cut.npz").write_bytes(save_reference(np.zeros(2048), np.eye(2048))[:4096])
+    (root / "ref.npz").write_bytes(save_reference(np.zeros(2048), np.eye(2048)))
+    (root / "cut.npz").write_bytes((root / "ref.npz").read_bytes()[:4096])
     return root
 
 
@@ -102,6 +104,20 @@ CASES = {
                       "--features", "none", *SAMPLE], "steps"),
     "fid: output of other samples": (["fid", "--model", R + "/checkpoint", "--out", R + "/data", "--features",
                                       "none", *SAMPLE], "already holds other files"),
+    "fid: neither --model nor --images": (["fid", "--out", R + "/o", *SAMPLE], "--model and --out are required"),
+    "fid: --images and --model": (["fid", "--images", R + "/images", "--model", R + "/checkpoint", "--ref",
+                                   R + "/ref.npz"], "give one of them"),
+    "fid: --images without --ref": (["fid", "--images", R + "/images", "--features", "random-init", "--actors", "0"],
+                                    "--images needs --ref"),
+    "fid: --images folder without images": (["fid", "--images", R + "/empty", "--ref", R + "/small.npz",
+                                             "--features", "random-init", "--actors", "0"], "no PNG or JPEG images"),
+    "fid: --images not an image": (["fid", "--images", R + "/note.txt", "--ref", R + "/small.npz", "--features",
+                                    "random-init", "--actors", "0"], "note.txt is not a folder, a PNG/JPEG file"),
+    "fid: --images missing": (["fid", "--images", R + "/nowhere", "--ref", R + "/small.npz", "--features",
+                               "random-init", "--actors", "0"], "nowhere does not exist"),
+    "fid: --images of a PNG that is not one": (["fid", "--images", R + "/fake.png", "--ref", R + "/ref.npz",
+                                                "--features", "random-init", "--actors", "0", "--allow-small-n"],
+                                               "fake.png: not a JPEG, PNG or WebP image"),
     # fid-ref
     "fid-ref: dataset missing": (["fid-ref", "--data", R + "/nowhere", "--features", "random-init"],
                                  "does not exist"),
@@ -158,4 +174,5 @@ def test_the_table_is_at_least_forty_inputs_across_every_command():
     from pipelines.cli import COMMANDS
 
     covered = {argv[0] for argv, _ in CASES.values()}
-    assert len(CASES) >= 40 and covered >= {name for name, *_ in COMMANDS} - {"presets", "fetch-weights"}
+    # presets and fetch-weights take no data input; the demo makes its own.
+    assert len(CASES) >= 40 and covered >= {name for name, *_ in COMMANDS} - {"presets", "fetch-weights", "demo"}

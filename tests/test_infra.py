@@ -194,7 +194,7 @@ def test_dockerfile_pins_torch_like_the_makefile_then_installs_the_project():
     pin = re.search(r"^TORCH_PIN := (.+)$", (REPO / "Makefile").read_text(), flags=re.M).group(1).strip()
     text = dockerfile()
     torch_at = text.index(f"pip install {pin}\n")
-    project_at = text.index("pip install . ")
+    project_at = text.index("pip install '.[server]' ")  # the image also runs the MLflow server
     assert torch_at < project_at, "torch is installed before the project, so the project cannot pull another"
     assert "ddpm --help" in text[project_at:], "the build checks that the ddpm console script runs"
     assert re.search(r"^FROM nvidia/cuda:12\.\S+-ubuntu\S+$", text, flags=re.M)

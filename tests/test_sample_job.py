@@ -1,9 +1,17 @@
 """Integration: mass sampling and scoring on a real local Ray (Ray Data actors) and MLflow store."""
 
+import fcntl
 import io
 import json
 import logging
+import os
+import pty
+import re
+import struct
+import subprocess
+import sys
 import tarfile
+import termios
 from pathlib import Path
 
 import mlflow
@@ -14,6 +22,8 @@ from PIL import Image
 
 from ddpm_core.fid import save_reference
 from ddpm_core.presets import get_preset
+from ddpm_core.reference_provenance import RESIZE
+from pipelines.cli import main as ddpm
 from pipelines.fid_reference import main as reference_main
 from pipelines.mlflow_registry import register
 from pipelines.sample_fid import main as sample_main
@@ -38,7 +48,7 @@ def registered(tmp_path_factory):
 
 
 def common(registered, out, *extra):
-    return ["--out", str(out), "--tracking-uri", registered["tracking"], "--cpus-per-actor", "0.5",
+    return ["--out", str(out), "--tracking-uri", registered["tracking"], "--cpus-per-worker", "0.5",
             "--per-tar", "8", "--sampler", "ddim", "--steps", "4", *extra]
 
 
@@ -58,7 +68,7 @@ def test_model_to_pseudo_fid_end_to_end_on_s3(tmp_path, registered, ray_local, s
 
     make_dataset(tmp_path, f"s3://{s3_bucket}/data", n=25, per_shard=8, resolution=16)
     assert reference_main(["--data", f"s3://{s3_bucket}/data", "--features", "random-init",
-                           "--cpus-per-actor", "0.5"]) == 0
+                           "--cpus-per-worker", "0.5"]) == 0
 
     def read(key):
         return s3_client().get_object(Bucket=s3_bucket, Key=key)["Body"].read()
@@ -338,3 +348,61 @@ def test_an_mlflow_outage_after_the_scores_are_written_does_not_fail_the_batch(t
     finally:
         proxy.close()
         server.stop()
+
+
+def test_fid_of_images_on_disk_equals_the_sampling_jobs_score(tmp_path, registered, capsys):
+    """`ddpm fid --images` on a folder of the job's PNGs, and on its tars, gives the job's own scores."""
+    ref = tmp_path / "ref.npz"
+    ref.write_bytes(save_reference(np.full(2048, 0.1), np.eye(2048), features="random-init", resize=RESIZE))
+    out = tmp_path / "samples"
+    assert sample_main(["--model", registered["checkpoint"], "--num", "10", "--actors", "0", "--features",
+                        "random-init", "--allow-small-n", "--ref", str(ref), *common(registered, out)]) == 0
+    job = json.loads((out / "fid.json").read_text())
+    folder = tmp_path / "pngs"
+    (folder / "later").mkdir(parents=True)
+    for key, png in tar_pngs(out).items():  # the last two one level down: folders are searched at any depth
+        (folder / ("later" if key >= 8 else "") / f"{key:08d}.png").write_bytes(png)
+    capsys.readouterr()
+    for images in (folder, out / "samples"):
+        assert ddpm(["fid", "--images", str(images), "--ref", str(ref), "--features", "random-init",
+                     "--allow-small-n", "--actors", "0"]) == 0
+        scored = json.loads(capsys.readouterr().out)
+        assert scored["images"] == 10 and scored["inception_weights_sha256"] == job["inception_weights_sha256"]
+        assert scored["reference_sha256"] == job["reference_sha256"] and "fid" not in scored
+        for key in ("pseudo_fid", "pseudo_inception_score", "pseudo_inception_score_std"):
+            assert scored[key] == pytest.approx(job[key], rel=1e-6, abs=1e-9), (images, key)
+
+
+def test_sampling_shows_a_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, registered, caplog):
+    def argv(out: Path) -> list[str]:
+        return ["--model", registered["checkpoint"], "--num", "8", "--actors", "0", "--features", "none",
+                *common(registered, out), "--per-tar", "2"]  # 4 tars: the count moves 4 times
+
+    # Not a terminal (pytest captures stderr): the count, the rate and the time left as log lines.
+    caplog.set_level(logging.INFO, logger="ddpm.progress")
+    assert sample_main(argv(tmp_path / "logged")) == 0
+    lines = [r.getMessage() for r in caplog.records if r.name == "ddpm.progress"]
+    assert re.fullmatch(r"samples 2/8 \(25%\), [\d.]+/s, [\d.]+ (s|min) left", lines[0]), lines
+    assert re.fullmatch(r"samples 8/8 \(100%\), [\d.]+/s, 0 s left", lines[-1]), lines
+    # On a terminal: a bar with the count, the time so far and left, and the rate; no progress log lines.
+    primary, secondary = pty.openpty()
+    fcntl.ioctl(secondary, termios.TIOCSWINSZ, struct.pack("HHHH", 24, 120, 0, 0))
+    process = subprocess.Popen([sys.executable, "-m", "pipelines.cli", "sample", *argv(tmp_path / "bar")],
+                               stdin=secondary, stdout=secondary, stderr=secondary, cwd=Path(__file__).parents[1])
+    os.close(secondary)
+    shown = b""
+    while True:
+        try:
+            chunk = os.read(primary, 65536)
+        except OSError:  # EIO: the process closed the terminal
+            break
+        if not chunk:
+            break
+        shown += chunk
+    os.close(primary)
+    text = shown.decode(errors="replace")
+    assert process.wait(timeout=60) == 0, text[-2000:]
+    rate = r", +[\d.]+(s/ samples| samples/s)\]"  # tqdm turns a rate under 1/s into seconds per sample
+    assert re.search(r"samples: +100%\|[^|\r]*\| 8/8 \[\d\d:\d\d<00:00" + rate, text), text[-2000:]
+    assert re.search(r"samples: +\d+%\|[^|\r]*\| [2-6]/8 \[\d\d:\d\d<\d\d:\d\d" + rate, text), text[-2000:]
+    assert "ddpm.progress" not in text

@@ -131,7 +131,7 @@ def test_the_job_samples_in_the_precision_it_records(tmp_path, ray_local, caplog
     checkpoint = tiny_checkpoint(tmp_path / "checkpoint")
     out = tmp_path / "out"
     args = ["--model", str(checkpoint), "--num", "4", "--out", str(out), "--features", "none", "--sampler", "unipc",
-            "--steps", "4", "--spacing", "trailing", "--per-tar", "4", "--batch-size", "4", "--cpus-per-actor", "0.5",
+            "--steps", "4", "--spacing", "trailing", "--per-tar", "4", "--batch-size", "4", "--cpus-per-worker", "0.5",
             "--tracking-uri", f"sqlite:///{tmp_path / 'mlflow.db'}"]
     assert sample_main([*args, "--bf16"]) == 0
     spec = json.loads((out / "samples.json").read_bytes())

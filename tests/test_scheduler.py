@@ -115,7 +115,7 @@ def schedule_args(world, *extra, owner: bool = True) -> list[str]:
     """The test's scheduler; `owner`: the one that moves `champion` (--owns-champion)."""
     return ["--model-name", "ddpm-tiny", "--once", "--num", "16", "--per-tar", "8", "--sampler", "ddim",
             "--steps", "4", "--ref", world["ref"], "--out-root", str(world["root"] / "evaluations"),
-            "--inception-weights", str(world["weights"]), "--allow-small-n", "--cpus-per-actor", "0.5",
+            "--inception-weights", str(world["weights"]), "--allow-small-n", "--cpus-per-worker", "0.5",
             "--batch-size", "8", "--poll", "1", "--address", world["ray"], "--tracking-uri", world["tracking"],
             *(["--owns-champion"] if owner else []), *extra]
 
