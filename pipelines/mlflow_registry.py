@@ -221,8 +221,25 @@ def score_tag(result: dict, label: str) -> str:
 
 
 def tag_score(client: MlflowClient, version: ModelVersion, result: dict, label: str) -> None:
-    """For people reading the registry: the score as a tag of the version it scores."""
+    """For people reading the registry: the score as a tag of the version it scores, and as a line of its
+    description (the scheduler adds its promotion decision to that line)."""
     client.set_model_version_tag(version.name, version.version, score_tag(result, label), f"{result[label]:.4f}")
+    describe_score(client, version.name, version.version, result, label, "by `ddpm fid`; the scheduler decides "
+                                                                          "promotion")
+
+
+SCORE_NAMES = {"fid": "FID", "spec_fid": "spec-FID", "pseudo_fid": "pseudo-FID (random-init network, not an FID)"}
+DESCRIPTION_HEADER = "Scores of this version (lower is better), one line per kind of sample set:"
+
+
+def describe_score(client: MlflowClient, name: str, version: int | str, result: dict, label: str, note: str) -> None:
+    """Set the version description's line of this kind of sample set (`score_tag`): the score, sampler, N and
+    `note` (who scored it, the promotion decision). Lines of other kinds are kept; the tags stay the record."""
+    key = f"- `{score_tag(result, '').lstrip('/')}`:"
+    line = f"{key} {SCORE_NAMES[label]} **{float(result[label]):.4f}**, N={result['num']}; {note}"
+    current = client.get_model_version(name, str(version)).description or ""
+    kept = [row for row in current.splitlines() if row.strip() and not row.startswith(key)]
+    client.update_model_version(name, str(version), description="\n".join([*(kept or [DESCRIPTION_HEADER]), line]))
 
 
 def spec_tags(tags: dict[str, str], namespace: str, digest: str) -> dict[str, str]:
@@ -330,10 +347,15 @@ class EvaluationRecords:
         for key, value in values.items():
             self.set_tag(version, self.eval_key(key), str(value))
 
-    def record_decision(self, version: int, values: dict[str, object]) -> None:
-        """Promotion tags of this spec, written in order (`decision` last)."""
+    def record_decision(self, version: int, values: dict[str, object], result=None) -> None:
+        """Promotion tags of this spec, written in order (`decision` last); with the scored EvaluationResult, the
+        decision also goes into the line of that score in the version's description."""
         for key, value in values.items():
             self.set_tag(version, spec_key(PROMOTION, self.digest, key), str(value))
+        if result is not None and result.fids():
+            self.retry(f"describing {self.name} v{version}", lambda: describe_score(
+                self.client, self.name, version, result.to_json(), result.label,
+                f"scheduler spec {self.digest}: {values['decision']}"))
 
     def set_tag(self, version: int, key: str, value: str) -> None:
         """Write one version tag idempotently: a tag that already holds `value` is success.

@@ -174,6 +174,14 @@ def test_two_new_versions_two_batches_one_promotion_then_nothing(world):
     loser = tags(world, other, planner.spec, "promotion")
     assert loser["decision"] == f"not promoted: FID {fids[other]:.4f} >= champion v{best} FID {fids[best]:.4f}"
     assert float(loser["fid"]) == fids[other] and float(loser["champion_fid"]) == fids[best]
+    for version in (best, other):  # for people: the score, sampler, N and decision on the version's page
+        found = world["client"].get_model_version("ddpm-tiny", str(version))
+        decision = tags(world, version, planner.spec, "promotion")["decision"]
+        assert found.description.splitlines()[1:] == [
+            f"- `ddim-4/n16/seed0/fp32`: spec-FID **{fids[version]:.4f}**, N=16; scheduler spec {planner.spec.digest}: "
+            f"{decision}"]
+        linked = {m.key: m.value for m in world["client"].get_logged_model(found.model_id).metrics}
+        assert linked["fid_ddim4_n16"] == pytest.approx(fids[version], abs=1e-9)  # the evaluation run's metric
     assert world["client"].get_registered_model("ddpm-tiny").tags["ddpm.champion_spec"] == planner.spec.digest
 
     again = scheduler(world).tick(poll=1)  # a restarted scheduler: state comes from MLflow and Ray

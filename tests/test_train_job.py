@@ -86,6 +86,9 @@ def test_ddp_run_trains_checkpoints_tracks_and_registers(tmp_path, dataset, ray_
     assert version.tags["steps"] == "24" and version.tags["run_id"] == run.info.run_id
     info = json.loads((Path(dataset) / "dataset.json").read_text())
     assert version.tags["dataset_fingerprint"] == info["fingerprint"]
+    (data_input,) = run.inputs.dataset_inputs  # the dataset as the run's input, with its fingerprint and counts
+    assert data_input.dataset.name == "tiny16" and json.loads(data_input.dataset.profile)["counts"] == info["counts"]
+    assert json.loads(data_input.dataset.profile)["fingerprint"] == info["fingerprint"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     loaded = mlflow.pyfunc.load_model("models:/ddpm-tiny@candidate")
     ema = load_file(str(checkpoints[-1] / "ema.safetensors"))
@@ -343,6 +346,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path, dataset, ray_local, ca
     fails([*base, "--workers", "4"], "cannot place 4 workers needing 1 CPU each: the cluster has 2 CPU")
     fails([*base, "--workers", "3"], "global batch 16 does not split evenly over 3 workers")
     fails([*base, "--set", "train.lr=-1"], "train.lr must be positive")
+    fails([*base, "--set", "train.fid_every=8"], "train.fid_every needs reference statistics: ")
     fails([*base, "--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking store at http://127.0.0.1:9")
     (tmp_path / "dataset.json").write_text("{}")
     fails([*base, "--storage", str(tmp_path / "dataset.json" / "x")], "is not writable")
