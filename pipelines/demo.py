@@ -39,13 +39,14 @@ class DemoSize:
     steps: int  # training steps of the demo preset
     samples: int  # images per scored batch
     ddim_steps: int
+    log_every: int  # training steps between points of the loss curve
     fid_every: int  # training steps between the cheap scores of the EMA model (the quality-vs-step curve)
     fid_num: int  # images per cheap score
 
 
-FULL = DemoSize(images=1797, steps=get_preset("demo").train.steps, samples=128, ddim_steps=50, fid_every=250,
-                fid_num=64)
-FAST = DemoSize(images=300, steps=12, samples=32, ddim_steps=10, fid_every=6, fid_num=8)
+FULL = DemoSize(images=1797, steps=get_preset("demo").train.steps, samples=128, ddim_steps=50,
+                log_every=get_preset("demo").train.log_every, fid_every=250, fid_num=64)
+FAST = DemoSize(images=300, steps=12, samples=32, ddim_steps=10, log_every=2, fid_every=6, fid_num=8)
 MODEL = "ddpm-demo"
 
 
@@ -176,8 +177,8 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
                         f"{size.fid_num} EMA samples every {size.fid_every} steps", lambda: check(ddpm(
         ["train", "--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1",
          "--loader-workers", "1", "--storage", str(root / "runs"), "--name", f"demo-{size.steps}",
-         "--tracking-uri", tracking, "--fid-ref", str(ref), f"--set=train.fid_every={size.fid_every}",
-         f"--set=train.fid_num={size.fid_num}",
+         "--tracking-uri", tracking, "--fid-ref", str(ref), f"--set=train.log_every={size.log_every}",
+         f"--set=train.fid_every={size.fid_every}", f"--set=train.fid_num={size.fid_num}",
          *([f"--set=train.{field}={size.steps}" for field in ("steps", "sample_every", "checkpoint_every")]
            if args.fast else [])]), "train"))
     untrained = root / "untrained"

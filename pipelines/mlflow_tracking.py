@@ -283,6 +283,15 @@ class TrainingRun:
         self.client.set_terminated(self.run_id, "FAILED")
 
 
+def logged_model_id(version) -> str | None:
+    """The logged model a registered version was made from: its `model_id`, else (MLflow 3.17's SQL registry
+    stores none) the id in its source `models:/<model_id>`, as `register` makes it."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
+
+
 def evaluation_run_name(result: dict, version=None) -> str:
     """e.g. `eval ddpm-demo v3 dpmpp_2m20 n2000`; a model folder or checkpoint is named by its folder."""
     model = f"{version.name} v{version.version}" if version is not None else Path(result["model"].split("@")[0]).name
@@ -302,7 +311,7 @@ def log_evaluation(client: MlflowClient, tracking_uri: str, result: dict, metric
     with mlflow.start_run(experiment_id=experiment, run_name=evaluation_run_name(result, version),
                           tags=EVALUATION_KIND):
         mlflow.log_params(params)
-        mlflow.log_metrics(metrics, model_id=version.model_id if version is not None else None)
+        mlflow.log_metrics(metrics, model_id=logged_model_id(version) if version is not None else None)
         mlflow.log_image(grid, "samples_first_64.png")
         mlflow.log_dict(result, "fid.json")
 

@@ -370,3 +370,21 @@ def test_ray_job_submit_trains_the_tiny_preset_end_to_end(tmp_path, dataset, ray
     assert done.returncode == 0, output[-4000:]
     assert "registered ddpm-tiny version 1 (alias candidate)" in output
     assert read_state(tmp_path / "runs" / "submitted" / "checkpoint_000000012").step == 12
+
+
+def test_the_training_fid_scores_against_the_datasets_own_statistics_named_by_their_network(tmp_path):
+    from ddpm_core.fid import save_reference
+    from pipelines.training_quality import QualityReferenceError, find_reference, metric_name, reference_features
+
+    with pytest.raises(QualityReferenceError, match=f"{tmp_path} has none of fid_stats.npz, fid_stats_pseudo.npz"):
+        find_reference(str(tmp_path), None)
+    mu, sigma = np.zeros(2), np.eye(2)  # a real file holds 2048 features; these functions read only provenance
+    (tmp_path / "fid_stats_pseudo.npz").write_bytes(save_reference(mu, sigma, extractor_sha256="random-init(seed=0)"))
+    assert find_reference(str(tmp_path), None).endswith("/fid_stats_pseudo.npz")
+    assert reference_features((tmp_path / "fid_stats_pseudo.npz").read_bytes()) == "random-init"
+    (tmp_path / "fid_stats.npz").write_bytes(save_reference(mu, sigma, extractor_sha256="ab" * 32))
+    assert find_reference(str(tmp_path), None).endswith("/fid_stats.npz")  # the FID network's first
+    assert find_reference(str(tmp_path), "/elsewhere/ref.npz") == "/elsewhere/ref.npz"
+    assert reference_features(save_reference(mu, sigma)) == "inception"  # pytorch-fid, clean-fid, ADM files
+    assert metric_name("random-init", 256) == "train/pseudo_fid_dpmpp_2m10_n256"
+    assert metric_name("inception", 64) == "train/spec_fid_dpmpp_2m10_n64"
