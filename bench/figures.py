@@ -26,7 +26,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 from mlflow.tracking import MlflowClient  # noqa: E402
 
 QUALITY_PREFIX = "train/"  # the metrics of training/quality (pipelines/training_quality.py)
-METRIC_LABELS = {"pseudo_fid": "pseudo-FID (random-init Inception, not an FID)", "spec_fid": "spec-FID (FID network)"}
+METRIC_LABELS = {"pseudo_fid": "pseudo-FID (random-init\nInception, not an FID)", "spec_fid": "spec-FID (FID network)"}
 
 
 def demo_training_run(store: Path):
@@ -46,9 +46,11 @@ def plot_demo(store: Path, out: Path) -> list[Path]:
     run_id, name = run.info.run_id, run.info.run_name
     written = []
     figure, axes = plt.subplots(figsize=(6, 3.6))
-    axes.plot(*curve(client, run_id, "loss"), color="tab:blue")
-    axes.set(xlabel="training step", ylabel="loss (L_simple, Eq. 14)", yscale="log",
-             title=f"make demo: training loss (run {name})")
+    steps, losses = curve(client, run_id, "loss")
+    axes.plot(steps, losses, color="tab:blue")
+    axes.set(xlabel="training step", ylabel="loss (L_simple, Eq. 14)", title=f"make demo: training loss (run {name})",
+             yscale="log" if max(losses) > 3 * min(losses) else "linear")  # log only where it spans a range
+    axes.title.set_fontsize(9)
     axes.grid(alpha=0.3)
     written.append(save(figure, out / "demo_loss.png"))
 
@@ -57,9 +59,10 @@ def plot_demo(store: Path, out: Path) -> list[Path]:
     setting = key[len(QUALITY_PREFIX + kind) + 1:]  # e.g. dpmpp_2m10_n256: sampler, steps and N
     figure, axes = plt.subplots(figsize=(6, 3.6))
     axes.plot(*curve(client, run_id, key), marker="o", color="tab:red")
-    axes.set(xlabel="training step", ylabel=f"{METRIC_LABELS.get(kind, kind)}\n(lower is better)",
-             title=f"make demo: EMA model quality during training ({setting}, {key})")
+    axes.set(xlabel="training step", ylabel=f"{METRIC_LABELS.get(kind, kind)}, lower is better",
+             title=f"make demo: EMA model quality during training\n{key} ({setting}: sampler, steps, N)")
     axes.title.set_fontsize(9)
+    axes.yaxis.label.set_fontsize(9)
     axes.grid(alpha=0.3)
     written.append(save(figure, out / "demo_quality.png"))
     return written

@@ -144,7 +144,7 @@ def register(client, run_id: str, checkpoint_dir: Path, config: Config, tags: di
         recorded = {tag: sha256_file(model_dir / file) for file, tag in RECORDED_SHA256.items()}
         version = registered_version(client, name, run_id, recorded)
         if version is None:
-            info = _log_model(run_id, model_dir, config)
+            info = _log_model(run_id, model_dir, config, int(tags.get("steps", 0)))
             version = mlflow.register_model(info.model_uri, name,
                                             tags={**{k: str(v) for k, v in tags.items()}, **recorded}).version
     client.set_registered_model_alias(name, CANDIDATE, version)
@@ -160,8 +160,10 @@ def registered_version(client, name: str, run_id: str, recorded: dict[str, str])
     return None
 
 
-def _log_model(run_id: str, model_dir: Path, config: Config):
-    """The model folder logged in the run as a pyfunc model (its code: pipelines/mlflow_model.py)."""
+def _log_model(run_id: str, model_dir: Path, config: Config, step: int):
+    """The model folder logged in the run as a pyfunc model (its code: pipelines/mlflow_model.py), at training
+    step `step`: MLflow links the run's metrics of that step to the logged model (the final loss and quality,
+    not the system metrics of step 0)."""
     r = config.model.resolution
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "index")]),
@@ -172,7 +174,7 @@ def _log_model(run_id: str, model_dir: Path, config: Config):
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
             name="model", python_model=mlflow_model.__file__, artifacts={"model": str(model_dir)},
-            code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature,
+            code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature, step=step,
             pip_requirements=["torch", "numpy", "safetensors", "pillow"])
 
 
