@@ -30,10 +30,13 @@ METRIC_LABELS = {"pseudo_fid": "pseudo-FID (random-init\nInception, not an FID)"
 
 
 def demo_training_run(store: Path):
-    """(client, the demo's training run): the run that registered the version the demo scored."""
+    """(client, the demo's training run): the newest run with a loss curve (once training has ended, the later
+    stages need not have run)."""
     client = MlflowClient(f"sqlite:///{store.resolve()}")
-    version = client.get_model_version_by_alias("ddpm-demo", "candidate")
-    return client, client.get_run(version.run_id)
+    experiments = [experiment.experiment_id for experiment in client.search_experiments()]
+    (run,) = client.search_runs(experiments, filter_string="metrics.loss >= 0", max_results=1,
+                                order_by=["attributes.start_time DESC"])
+    return client, run
 
 
 def curve(client: MlflowClient, run_id: str, key: str) -> tuple[list[int], list[float]]:

@@ -64,6 +64,7 @@ def test_demo_fast_mode_produces_grid_registered_version_and_scores(tmp_path):
     # Where an MLflow user looks: the version's own page (its logged model's metrics, its description) ...
     linked = {m.key: m for m in client.get_logged_model(logged_model_id(version)).metrics}
     assert linked["pseudo_fid"].value == pytest.approx(result["pseudo_fid"], abs=1e-9)
+    assert linked["loss"].step == FAST.steps and not any(key.startswith("system/") for key in linked)  # its training
     evaluation = client.get_run(linked["pseudo_fid"].run_id)
     assert evaluation.info.run_name == f"eval {MODEL} v1 ddim{FAST.ddim_steps} n{FAST.samples}"
     line = (f"pseudo-FID (random-init network, not an FID) **{result['pseudo_fid']:.4f}**, N={FAST.samples}; "
