@@ -141,6 +141,8 @@ class TrainConfig:
     keep_checkpoints: int = 2  # as the official keep_checkpoint_max
     log_every: int = 100  # as the official TensorBoard summaries
     sample_every: int = 10_000  # EMA sample grid to MLflow
+    fid_every: int = 0  # a cheap FID of the EMA model during training (pipelines/training_quality.py); 0 = off
+    fid_num: int = 256  # its number of samples: its cost (the FID network's forward passes, on rank 0)
     max_nonfinite_steps: int = 10  # consecutive skipped steps before the run stops
 
     def __post_init__(self) -> None:
@@ -161,11 +163,13 @@ class TrainConfig:
             raise ConfigError(f"train.ema_decay must be in [0, 1), got {self.ema_decay}")
         if not self.grad_clip > 0:
             raise ConfigError(f"train.grad_clip must be positive, got {self.grad_clip}")
-        for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "max_nonfinite_steps"):
+        for name in ("checkpoint_every", "keep_checkpoints", "log_every", "sample_every", "max_nonfinite_steps",
+                     "fid_num"):
             if getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
-        if self.micro_batch < 0:
-            raise ConfigError(f"train.micro_batch must be >= 0, got {self.micro_batch}")
+        if self.micro_batch < 0 or self.fid_every < 0:
+            raise ConfigError(f"train.micro_batch and train.fid_every must be >= 0, got {self.micro_batch}, "
+                              f"{self.fid_every}")
 
 
 SECTIONS = {"model": ModelConfig, "diffusion": DiffusionConfig, "train": TrainConfig}

@@ -120,6 +120,7 @@ class TrainingHooks:
     on_metrics: Callable[[dict[str, float], int], None] | None = None  # (values, step) every train.log_every steps
     on_grid: Callable[[np.ndarray, int], None] | None = None  # (uint8 grid of EMA samples, step) every sample_every
     on_checkpoint: Callable[[TrainingState, StepResult], None] | None = None  # every checkpoint_every and at the end
+    on_ema: Callable[[nn.Module, int], None] | None = None  # (EMA model, step) every train.fid_every steps (if > 0)
 
 
 @dataclass
@@ -220,6 +221,8 @@ class TrainingLoop:
                 self._report_metrics(hooks.on_metrics, stream, step, epoch, state.nonfinite_steps, result.lr)
             if hooks.on_grid and step % train.sample_every == 0:
                 hooks.on_grid(sample_grid(self.ema.model, self.diffusion, self.config, self.device), step)
+            if hooks.on_ema and train.fid_every and step % train.fid_every == 0:
+                hooks.on_ema(self.ema.model, step)
             if hooks.on_checkpoint and (step % train.checkpoint_every == 0 or step == end):
                 hooks.on_checkpoint(state, result)
         return LoopResult(step, state.nonfinite_steps)

@@ -6,8 +6,9 @@ Local Ray on 127.0.0.1 (with its job API, for the scheduler), MLflow on SQLite, 
 storage, CPU. Stages: build an LSUN-style LMDB of the digits, upscaled → shard it (the LSUN path) → reference
 statistics → train the `demo` preset with two DDP workers → register → score an untrained model as
 the baseline → one scheduler tick (it submits the sampling batch through the Ray Jobs API, scores it,
-decides promotion) → the sample grid. A pseudo-FID is used unless verified Inception weights are
-found. `--fast` (or DEMO_FAST=1) runs the same chain with a few steps, for CI.
+decides promotion) → the sample grid. Training scores its EMA model every few hundred steps (train.fid_every,
+a small N), so MLflow shows a quality-vs-step curve beside the loss. A pseudo-FID is used unless verified
+Inception weights are found. `--fast` (or DEMO_FAST=1) runs the same chain with a few steps, for CI.
 """
 
 from __future__ import annotations
@@ -39,10 +40,14 @@ class DemoSize:
     steps: int  # training steps of the demo preset
     samples: int  # images per scored batch
     ddim_steps: int
+    log_every: int  # training steps between points of the loss curve
+    fid_every: int  # training steps between the cheap scores of the EMA model (the quality-vs-step curve)
+    fid_num: int  # images per cheap score
 
 
-FULL = DemoSize(images=1797, steps=get_preset("demo").train.steps, samples=128, ddim_steps=50)
-FAST = DemoSize(images=300, steps=12, samples=32, ddim_steps=10)
+FULL = DemoSize(images=1797, steps=get_preset("demo").train.steps, samples=128, ddim_steps=50,
+                log_every=get_preset("demo").train.log_every, fid_every=250, fid_num=64)
+FAST = DemoSize(images=300, steps=12, samples=32, ddim_steps=10, log_every=2, fid_every=6, fid_num=8)
 MODEL = "ddpm-demo"
 
 
@@ -179,10 +184,12 @@ def run_stages(args, size: DemoSize, root: Path, head, stages: Stages) -> int:
                lambda: ref.exists() or check(ddpm(
                    ["fid-ref", "--data", str(data), "--features", features, "--shards", "1", "--actors", "0",
                     *(["--inception-weights", weights] if weights else [])]), "reference"))
-    stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo)", lambda: check(ddpm(
+    stages.run("train", f"the demo preset, {size.steps} steps, 2 DDP workers (gloo), a {label.replace('_', '-')} of "
+                        f"{size.fid_num} EMA samples every {size.fid_every} steps", lambda: check(ddpm(
         ["train", "--data", str(data), "--preset", "demo", "--workers", "2", "--cpus-per-worker", "1",
          "--loader-workers", "1", "--storage", str(root / "runs"), "--name", f"demo-{size.steps}",
-         "--tracking-uri", tracking,
+         "--tracking-uri", tracking, "--fid-ref", str(ref), f"--set=train.log_every={size.log_every}",
+         f"--set=train.fid_every={size.fid_every}", f"--set=train.fid_num={size.fid_num}",
          *([f"--set=train.{field}={size.steps}" for field in ("steps", "sample_every", "checkpoint_every")]
            if args.fast else [])]), "train"))
     untrained = root / "untrained"

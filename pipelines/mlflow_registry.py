@@ -154,7 +154,7 @@ def register(client, run: str | Callable[[], str], checkpoint_dir: Path, config:
         recorded = {tag: sha256_file(model_dir / file) for file, tag in RECORDED_SHA256.items()}
         version = registered_version(client, name, None if callable(run) else run, recorded)
         if version is None:
-            info = _log_model(run() if callable(run) else run, model_dir, config)
+            info = _log_model(run() if callable(run) else run, model_dir, config, int(tags.get("steps", 0)))
             version = mlflow.register_model(info.model_uri, name,
                                             tags={**{k: str(v) for k, v in tags.items()}, **recorded}).version
     client.set_registered_model_alias(name, CANDIDATE, version)
@@ -171,8 +171,10 @@ def registered_version(client, name: str, run_id: str | None, recorded: dict[str
     return None
 
 
-def _log_model(run_id: str, model_dir: Path, config: Config):
-    """The model folder logged in the run as a pyfunc model (its code: pipelines/mlflow_model.py)."""
+def _log_model(run_id: str, model_dir: Path, config: Config, step: int):
+    """The model folder logged in the run as a pyfunc model (its code: pipelines/mlflow_model.py), at training
+    step `step`: MLflow links the run's metrics of that step to the logged model (the final loss and quality,
+    not the system metrics of step 0)."""
     r = config.model.resolution
     signature = ModelSignature(
         inputs=Schema([ColSpec("long", "index")]),
@@ -183,7 +185,7 @@ def _log_model(run_id: str, model_dir: Path, config: Config):
     with mlflow.start_run(run_id=run_id):
         return mlflow.pyfunc.log_model(
             name="model", python_model=mlflow_model.__file__, artifacts={"model": str(model_dir)},
-            code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature,
+            code_paths=[str(Path(ddpm_core.__file__).parent)], signature=signature, step=step,
             pip_requirements=["torch", "numpy", "safetensors", "pillow"])
 
 
@@ -232,8 +234,25 @@ def score_tag(result: dict, label: str) -> str:
 
 
 def tag_score(client: MlflowClient, version: ModelVersion, result: dict, label: str) -> None:
-    """For people reading the registry: the score as a tag of the version it scores."""
+    """For people reading the registry: the score as a tag of the version it scores, and as a line of its
+    description (the scheduler adds its promotion decision to that line)."""
     client.set_model_version_tag(version.name, version.version, score_tag(result, label), f"{result[label]:.4f}")
+    describe_score(client, version.name, version.version, result, label, "by `ddpm fid`; the scheduler decides "
+                                                                          "promotion")
+
+
+SCORE_NAMES = {"fid": "FID", "spec_fid": "spec-FID", "pseudo_fid": "pseudo-FID (random-init network, not an FID)"}
+DESCRIPTION_HEADER = "Scores of this version (lower is better), one line per kind of sample set:"
+
+
+def describe_score(client: MlflowClient, name: str, version: int | str, result: dict, label: str, note: str) -> None:
+    """Set the version description's line of this kind of sample set (`score_tag`): the score, sampler, N and
+    `note` (who scored it, the promotion decision). Lines of other kinds are kept; the tags stay the record."""
+    key = f"- `{score_tag(result, '').lstrip('/')}`:"
+    line = f"{key} {SCORE_NAMES[label]} **{float(result[label]):.4f}**, N={result['num']}; {note}"
+    current = client.get_model_version(name, str(version)).description or ""
+    kept = [row for row in current.splitlines() if row.strip() and not row.startswith(key)]
+    client.update_model_version(name, str(version), description="\n".join([*(kept or [DESCRIPTION_HEADER]), line]))
 
 
 def spec_tags(tags: dict[str, str], namespace: str, digest: str) -> dict[str, str]:
@@ -341,10 +360,15 @@ class EvaluationRecords:
         for key, value in values.items():
             self.set_tag(version, self.eval_key(key), str(value))
 
-    def record_decision(self, version: int, values: dict[str, object]) -> None:
-        """Promotion tags of this spec, written in order (`decision` last)."""
+    def record_decision(self, version: int, values: dict[str, object], result=None) -> None:
+        """Promotion tags of this spec, written in order (`decision` last); with the scored EvaluationResult, the
+        decision also goes into the line of that score in the version's description."""
         for key, value in values.items():
             self.set_tag(version, spec_key(PROMOTION, self.digest, key), str(value))
+        if result is not None and result.fids():
+            self.retry(f"describing {self.name} v{version}", lambda: describe_score(
+                self.client, self.name, version, result.to_json(), result.label,
+                f"scheduler spec {self.digest}: {values['decision']}"))
 
     def set_tag(self, version: int, key: str, value: str) -> None:
         """Write one version tag idempotently: a tag that already holds `value` is success.

@@ -3,7 +3,9 @@ training run's metrics from rank 0, and the evaluation runs. Every run and run-n
 
 from __future__ import annotations
 
+import contextlib
 import io
+import json
 import logging
 import os
 import time
@@ -13,7 +15,7 @@ from urllib.parse import urlparse, urlunparse
 
 import mlflow
 import numpy as np
-from mlflow.entities import Metric, Param
+from mlflow.entities import Dataset, DatasetInput, InputTag, Metric, Param
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from PIL import Image
@@ -132,7 +134,7 @@ class RankZeroTracker:
     """
 
     def __init__(self, tracking_uri: str, run_id: str, max_values: int = 100_000, max_grids: int = 8):
-        self.client, self.run_id = MlflowClient(tracking_uri), run_id
+        self.client, self.run_id, self.tracking_uri = MlflowClient(tracking_uri), run_id, tracking_uri
         self.max_values, self.max_grids = max_values, max_grids
         self.dropped = 0  # points (metric values and grids) lost to a full buffer
         self._values: deque[list] = deque()  # one list of mlflow Metric per call, oldest first
@@ -157,6 +159,26 @@ class RankZeroTracker:
     def image(self, grid: np.ndarray, step: int) -> None:
         self._grids.append((grid, step, int(time.time() * 1000)))
         self._send()
+
+    @contextlib.contextmanager
+    def system_metrics(self):
+        """MLflow's system metrics of this machine while the block runs (`system/cpu_utilization_percentage`,
+        memory, disk, network, and with pynvml the GPUs), every 10 s (MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL);
+        a resumed run continues their steps. `log_system_metrics=True` would monitor the driver, which only
+        waits: the run is trained here. Without psutil, or with MLflow away at the start, there are none."""
+        try:
+            from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+            monitor = SystemMetricsMonitor(self.run_id, resume_logging=True, tracking_uri=self.tracking_uri)
+        except Exception as error:  # noqa: BLE001 - no psutil, or no answer: training goes on without them
+            log.warning("no system metrics for this run: %s", first_line(error))
+            yield
+            return
+        monitor.start()
+        try:
+            yield
+        finally:
+            monitor.finish()
 
     def close(self) -> int:
         """Send what is pending (the end of training); returns how many points could not be, with one warning."""
@@ -242,6 +264,15 @@ class TrainingRun:
         """Delete a run this command created and then refused (it never trained)."""
         self.client.delete_run(self.run_id)
 
+    def record_dataset(self, uri: str, name: str, info: dict) -> None:
+        """The dataset as the run's input (MLflow's Datasets tab): its fingerprint (the digest shows its first
+        36 characters, the store's limit; the profile has it whole), source and image counts (dataset.json)."""
+        profile = {"fingerprint": info["fingerprint"], "counts": info["counts"], "resolution": info["resolution"],
+                   "encoding": info["encoding"]}
+        dataset = Dataset(name=name, digest=info["fingerprint"][:36], source_type="ddpm-shards",
+                          source=json.dumps({"uri": redact(uri)}), profile=json.dumps(profile))
+        self.client.log_inputs(self.run_id, [DatasetInput(dataset, [InputTag("mlflow.data.context", "training")])])
+
     def record_checkpoints(self, location: str) -> None:
         self.client.set_tag(self.run_id, "checkpoint_location", location)
 
@@ -252,19 +283,35 @@ class TrainingRun:
         self.client.set_terminated(self.run_id, "FAILED")
 
 
+def logged_model_id(version) -> str | None:
+    """The logged model a registered version was made from: its `model_id`, else (MLflow 3.17's SQL registry
+    stores none) the id in its source `models:/<model_id>`, as `register` makes it."""
+    if version.model_id:
+        return version.model_id
+    source = version.source or ""
+    return source[len("models:/"):] if source.startswith("models:/m-") else None
+
+
+def evaluation_run_name(result: dict, version=None) -> str:
+    """e.g. `eval ddpm-demo v3 dpmpp_2m20 n2000`; a model folder or checkpoint is named by its folder."""
+    model = f"{version.name} v{version.version}" if version is not None else Path(result["model"].split("@")[0]).name
+    return f"eval {model} {result['sampler']}{result['steps']} n{result['num']}"
+
+
 def log_evaluation(client: MlflowClient, tracking_uri: str, result: dict, metrics: dict[str, float],
-                   training_run_id: str | None, grid: np.ndarray) -> None:
-    """An evaluation run: the result's settings as params, its scores as `metrics` (named by
-    EvaluationResult.metrics), a grid of the first samples and the result itself; in the experiment of the
-    training run that made the model, if there is one."""
+                   training_run_id: str | None, grid: np.ndarray, version=None) -> None:
+    """An evaluation run named after the model and spec: the result's settings as params, its scores as
+    `metrics` (named by EvaluationResult.metrics), a grid of the first samples and the result itself; in the
+    experiment of the training run that made the model, if there is one. The scores of a registered `version`
+    are linked to its logged model (MLflow 3's model metrics): the version's page shows them."""
     experiment = client.get_run(training_run_id).info.experiment_id if training_run_id else None
     if experiment is None:
         experiment = experiment_id(client, EVALUATION_EXPERIMENT, tracking_uri)
     params = {k: v for k, v in result.items() if not (isinstance(v, float) and k != "eta")}
-    with mlflow.start_run(experiment_id=experiment, run_name=f"eval-{result['sampler']}-{result['num']}",
+    with mlflow.start_run(experiment_id=experiment, run_name=evaluation_run_name(result, version),
                           tags=EVALUATION_KIND):
         mlflow.log_params(params)
-        mlflow.log_metrics(metrics)
+        mlflow.log_metrics(metrics, model_id=logged_model_id(version) if version is not None else None)
         mlflow.log_image(grid, "samples_first_64.png")
         mlflow.log_dict(result, "fid.json")
 

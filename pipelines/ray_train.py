@@ -1,7 +1,8 @@
 """Ray Train for the training job: the DDP worker (an adapter of ddpm_core's TrainingLoop) and its trainer.
 
 Each rank builds the model, restores Ray Train's latest checkpoint, wraps the model in DDP and runs the
-library loop; rank 0 sends metrics and sample grids to MLflow, every rank reports checkpoints (a barrier).
+library loop; rank 0 sends metrics, sample grids, its machine's system metrics and (with `train.fid_every`) a
+cheap FID of the EMA model to MLflow, every rank reports checkpoints (a barrier).
 
 Ray Train restarts a failed worker group up to `max_failures` times, whatever the error. One a user must fix
 (a shard whose bytes are not the manifest's) would fail the same way each time, so the failing rank first
@@ -41,6 +42,7 @@ from ddpm_core.training import StepResult, TrainingHooks, TrainingLoop, build_em
 from ddpm_core.unet import UNet
 from pipelines.job_runner import configure_logging
 from pipelines.mlflow_tracking import WORKER_MLFLOW_ENV, RankZeroTracker
+from pipelines.training_quality import QualityProbe
 
 log = logging.getLogger("ddpm.train")
 TEST_HOOKS = ("DDPM_TEST_FAIL_AT_STEP", "DDPM_TEST_FAIL_RANK", "DDPM_TEST_FAIL_ONCE", "DDPM_TEST_TRACE_DIR")
@@ -99,16 +101,20 @@ def _train(loop: dict, rank: int) -> dict:
                          config.train.seed, config.train.random_flip, resolution=config.model.resolution,
                          channels=config.model.in_channels)
     tracker = RankZeroTracker(loop["tracking_uri"], loop["run_id"]) if rank == 0 else None
+    probe = QualityProbe(loop["fid_reference"], config, device) if tracker and config.train.fid_every else None
     hooks = TrainingHooks(
         on_batch=functools.partial(_test_hooks, rank=rank) if any(os.environ.get(k) for k in TEST_HOOKS) else None,
         on_metrics=tracker.metrics if tracker else None, on_grid=tracker.image if tracker else None,
-        on_checkpoint=functools.partial(_report_checkpoint, rank, model, ema, optimizer))
+        on_checkpoint=functools.partial(_report_checkpoint, rank, model, ema, optimizer),
+        on_ema=(lambda ema_model, step: tracker.metrics(probe(ema_model, step), step)) if probe else None)
     # bf16 autocast where it is fast: CUDA, and CPUs with native bf16 (bench/learnability.py).
     autocast = torch.bfloat16 if loop["bf16"] and bf16_is_fast(device) else None
     training = TrainingLoop(model, diffusion, optimizer, ema, config, device, rank=rank, world=world,
                             autocast_dtype=autocast, ddp_model=torch.compile(ddp) if loop["compile"] else ddp)
+    system = tracker.system_metrics() if tracker else contextlib.nullcontext()
     try:
-        return asdict(training.run(loader, state, hooks))
+        with system:
+            return asdict(training.run(loader, state, hooks))
     finally:
         if tracker:
             tracker.close()  # what an MLflow outage held back, also when this worker fails

@@ -261,7 +261,7 @@ def log_results(client, model, result: EvaluationResult, storage: Storage) -> No
     record = result.to_json()
     _, images = read_sample_tar(storage, 0)
     log_evaluation(client, model.tracking_uri, record, result.metrics(), model.training_run_id,
-                   image_grid(images[:64], columns=8))
+                   image_grid(images[:64], columns=8), model.version)
     if model.version is not None and result.label in record:
         tag_score(client, model.version, record, result.label)
 

@@ -6,7 +6,8 @@
 Each tick lists the versions of the registered model and, for every version without an evaluation
 under this evaluation spec, submits the sampling job (pipelines/sample_fid.py) through the Ray Jobs
 API, waits for it and reads its fid.json. The `champion` alias then moves to the best verified FID;
-a pseudo-FID never promotes. The decision and both scores are version tags.
+a pseudo-FID never promotes. The decision and both scores are version tags, and a line of the version's
+description (score, sampler, N, decision).
 
 State lives in MLflow version tags, one namespace per spec (`ddpm.eval.<digest>.*`,
 `ddpm.promotion.<digest>.*`), and in Ray job ids, never in local files. Tags only say where a batch
@@ -74,7 +75,7 @@ class Scheduler:
                  owns: bool = False):
         self.spec, self.out_root, self.records, self.jobs = spec, out_root.rstrip("/"), records, jobs
         self.job_options, self.max_attempts, self.aliases = job_options, max_attempts, aliases
-        self.working_dir, self.deadline, self.owns = working_dir, deadline, owns
+        self.working_dir, self.deadline, self.owns, self.results_read = working_dir, deadline, owns, {}
 
     def out_uri(self, version: int) -> str:
         return f"{self.out_root}/{self.records.name}/v{version}-{self.spec.digest}"
@@ -169,7 +170,7 @@ class Scheduler:
         except InvalidResult as error:
             return self.record_failure(version, job.submission_id, f"succeeded but its fid.json cannot count: "
                                                                    f"{error}", report)
-        scores = result.fids()
+        scores, self.results_read[version] = result.fids(), result
         self.records.record_evaluation(version, {**scores, "result_sha256": digest, "error": "", "status": SUCCEEDED})
         shown = ", ".join(f"{k} {v:.3f}" for k, v in scores.items()) or "samples only"
         log.info("v%d: %s succeeded: %s", version, job.submission_id, shown)
@@ -213,7 +214,7 @@ class Scheduler:
             log.info("v%d is the new champion (%s)", promotion.champion, promotion.decisions[promotion.champion].text)
             report.promoted = promotion.champion
         for number, decision in promotion.decisions.items():
-            self.records.record_decision(number, decision.tags)
+            self.records.record_decision(number, decision.tags, self.results_read.get(number))
             report.note(number, report.outcomes[number].status if number in report.outcomes else SUCCEEDED,
                         decision=decision.text)
 

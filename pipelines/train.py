@@ -34,7 +34,8 @@ log = logging.getLogger("ddpm.train")
 # fingerprint) and the cadence of logs, samples and checkpoints. Any other change would continue the
 # checkpoint as a different model, recipe or dataset than the run records.
 RESUMABLE = ("train.steps", "workers", "gpu", "compile", "train.micro_batch", "data", "train.log_every",
-             "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps")
+             "train.sample_every", "train.checkpoint_every", "train.keep_checkpoints", "train.max_nonfinite_steps",
+             "train.fid_every", "train.fid_num", "fid_ref")
 
 
 def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = None,
@@ -68,6 +69,9 @@ def add_arguments(parser: argparse.ArgumentParser, default_preset: str | None = 
                         help="bf16 autocast where it is fast (CUDA, CPUs with native bf16), else fp32; --no-bf16: "
                              "fp32 everywhere")
     parser.add_argument("--address", default=None, help="Ray address (default RAY_ADDRESS, else a local Ray)")
+    parser.add_argument("--fid-ref", default=None,
+                        help="reference statistics of the FID during training (train.fid_every; default the "
+                             "dataset's own: <data>/fid_stats.npz, else fid_stats_pseudo.npz, from `ddpm fid-ref`)")
 
 
 def run(args: argparse.Namespace) -> int:
@@ -99,6 +103,7 @@ def train(args: argparse.Namespace) -> None:
     if info["resolution"] != config.model.resolution:
         raise DatasetError(f"dataset {args.data} holds {info['resolution']}×{info['resolution']} images but preset "
                            f"{config.preset} trains at {config.model.resolution}×{config.model.resolution}")
+    fid_reference = quality_reference(data.uri, args.fid_ref) if config.train.fid_every else None
     storage_uri = args.storage if args.storage.startswith("s3://") else str(Path(args.storage).expanduser().resolve())
     open_storage(storage_uri).check_writable()
     tracking_uri = resolve_tracking_uri(args.tracking_uri)
@@ -109,18 +114,20 @@ def train(args: argparse.Namespace) -> None:
     dataset_name = Path(data.uri.rstrip("/")).name
     name = args.name or f"{config.preset}-{dataset_name}"
     params = {**config.flat(), "data": args.data, "workers": args.workers, "gpu": args.gpu, "compile": args.compile,
-              "dataset_fingerprint": info["fingerprint"]}
+              "dataset_fingerprint": info["fingerprint"], **({"fid_ref": fid_reference} if fid_reference else {})}
     # --force-new gets a folder of its own: Ray Train resumes from whatever checkpoints the folder holds.
     folder = f"{name}-{time.strftime('%Y%m%d-%H%M%S')}" if args.force_new else name
     run = TrainingRun(client, tracking_uri, args.experiment or dataset_name, name, params, folder, args.force_new)
     check_resume(run, name, f"{storage_uri.rstrip('/')}/{run.folder}", {k: param_value(v) for k, v in params.items()})
     run.record_checkpoints(f"{storage_uri.rstrip('/')}/{run.folder}")
+    run.record_dataset(data.uri, dataset_name, info)
     log.info("%s MLflow run %s (%s) of experiment %s; checkpoints in %s/%s", "resuming" if run.resumed else "created",
              run.run_id, redact(tracking_uri), args.experiment or dataset_name, storage_uri, run.folder)
 
     loop_config = {"config": config.to_dict(), "data": data.uri, "tracking_uri": tracking_uri, "run_id": run.run_id,
                    "loader_workers": args.loader_workers, "compile": args.compile, "bf16": args.bf16,
-                   "threads_per_worker": max(1, int(args.cpus_per_worker)), "dataset_fingerprint": info["fingerprint"]}
+                   "threads_per_worker": max(1, int(args.cpus_per_worker)), "dataset_fingerprint": info["fingerprint"],
+                   "fid_reference": fid_reference}
     again = "the same command" + (" without --force-new" if args.force_new else "")
     try:
         with follow(lambda: trained_steps(client, run.run_id), config.train.steps, "steps"), ray_train.fit(
@@ -144,6 +151,18 @@ def trained_steps(client, run_id: str) -> int:
     """The last step rank 0 has logged metrics of: how far training is, as the driver sees it."""
     return max((metric.step for metric in client.get_run(run_id).data.to_proto().metrics if metric.key == "loss"),
                default=0)
+
+
+def quality_reference(data_uri: str, flag: str | None) -> str:
+    """The reference statistics of train.fid_every, read once here: a bad file is refused before training."""
+    from ddpm_core.fid import load_reference
+    from ddpm_core.storage import read_uri
+    from pipelines.training_quality import find_reference
+
+    reference = find_reference(data_uri, flag)
+    load_reference(read_uri(reference), reference)
+    log.info("train.fid_every: the EMA model is scored against %s", reference)
+    return reference
 
 
 def check_resume(run, name: str, checkpoints: str, now: dict[str, str]) -> None:

@@ -13,6 +13,7 @@ from PIL import Image
 
 from pipelines.demo import FAST, MODEL
 from pipelines.demo_data import STORED_SIDE, digit_images, digits
+from pipelines.mlflow_tracking import logged_model_id
 from tests.test_ray_auth import fresh_env
 
 
@@ -56,5 +57,26 @@ def test_demo_fast_mode_produces_grid_registered_version_and_scores(tmp_path):
     digest = Path(summary["fid_json"]).parent.name.rsplit("-", 1)[1]  # <out-root>/<model>/v1-<spec digest>
     assert str(version.version) == "1" and version.tags[f"ddpm.eval.{digest}.status"] == "succeeded"
     assert float(version.tags[f"ddpm.eval.{digest}.pseudo_fid"]) == pytest.approx(result["pseudo_fid"], abs=1e-9)
-    assert version.tags[f"ddpm.promotion.{digest}.decision"].startswith("not promoted: pseudo-FID only")
+    decision = version.tags[f"ddpm.promotion.{digest}.decision"]
+    assert decision.startswith("not promoted: pseudo-FID only")
     assert set(summary["stage_seconds"]) == {"ray", "dataset", "shard", "reference", "train", "baseline", "schedule"}
+
+    # Where an MLflow user looks: the version's own page (its logged model's metrics, its description) ...
+    linked = {m.key: m for m in client.get_logged_model(logged_model_id(version)).metrics}
+    assert linked["pseudo_fid"].value == pytest.approx(result["pseudo_fid"], abs=1e-9)
+    assert linked["loss"].step == FAST.steps and not any(key.startswith("system/") for key in linked)  # its training
+    evaluation = client.get_run(linked["pseudo_fid"].run_id)
+    assert evaluation.info.run_name == f"eval {MODEL} v1 ddim{FAST.ddim_steps} n{FAST.samples}"
+    line = (f"pseudo-FID (random-init network, not an FID) **{result['pseudo_fid']:.4f}**, N={FAST.samples}; "
+            f"scheduler spec {digest}: {decision}")
+    assert line in version.description and version.description.count("\n- ") == 1  # one line per kind of sample set
+    # ... and the training run: a quality-vs-step curve beside the loss, and the dataset as its input.
+    training = client.get_run(version.run_id)
+    curve = client.get_metric_history(version.run_id, f"train/pseudo_fid_dpmpp_2m10_n{FAST.fid_num}")
+    assert [m.step for m in curve] == list(range(FAST.fid_every, FAST.steps + 1, FAST.fid_every))
+    assert len(curve) >= 2 and all(m.value > 0 for m in curve)
+    assert len(client.get_metric_history(version.run_id, "loss")) == FAST.steps // FAST.log_every
+    (data_input,) = training.inputs.dataset_inputs
+    fingerprint = json.loads((tmp_path / f"data_{FAST.images}" / "dataset.json").read_text())["fingerprint"]
+    assert json.loads(data_input.dataset.profile)["fingerprint"] == fingerprint
+    assert data_input.dataset.digest == fingerprint[:36] and data_input.dataset.name == f"data_{FAST.images}"

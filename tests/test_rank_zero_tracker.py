@@ -115,3 +115,17 @@ def test_a_final_flush_that_fails_warns_once_naming_what_was_lost(caplog):
     assert len(warnings) == 2
     assert "still unreachable at the end of training" in warnings[1]
     assert "6 metric values and 1 sample grids were not logged" in warnings[1]
+
+
+def test_system_metrics_of_the_training_machine_go_to_the_run_and_a_resume_continues_their_steps(tmp_path,
+                                                                                               monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    run_id = new_run(uri)
+    for _ in range(2):  # the run, then the same run resumed
+        with RankZeroTracker(uri, run_id).system_metrics():
+            time.sleep(1.0)
+    history = MlflowClient(uri).get_metric_history(run_id, "system/cpu_utilization_percentage")
+    steps = [m.step for m in history]
+    assert len(steps) >= 2 and steps == sorted(set(steps)) and all(0 <= m.value <= 100 for m in history)
+    assert MlflowClient(uri).get_metric_history(run_id, "system/system_memory_usage_megabytes")[0].value > 0

@@ -29,6 +29,7 @@ from pipelines.cron import Cron, CronError
 from pipelines.evaluation import EvalSpec, InvalidResult, check_result, verified_fid
 from pipelines.fid_reference import main as reference_main
 from pipelines.mlflow_registry import CHAMPION, register
+from pipelines.mlflow_tracking import logged_model_id
 from pipelines.schedule_sampling import add_arguments, build
 from pipelines.schedule_sampling import main as schedule_main
 from pipelines.scheduler_decisions import score_name, submission_id
@@ -175,6 +176,14 @@ def test_two_new_versions_two_batches_one_promotion_then_nothing(world):
     loser = tags(world, other, planner.spec, "promotion")
     assert loser["decision"] == f"not promoted: {name} {fids[other]:.4f} >= champion v{best}'s {fids[best]:.4f}"
     assert float(loser["spec_fid"]) == fids[other] and float(loser["champion_spec_fid"]) == fids[best]
+    for version in (best, other):  # for people: the score, sampler, N and decision on the version's page
+        found = world["client"].get_model_version("ddpm-tiny", str(version))
+        decision = tags(world, version, planner.spec, "promotion")["decision"]
+        assert found.description.splitlines()[1:] == [
+            f"- `ddim-4-trailing/n16/seed0/fp32`: spec-FID **{fids[version]:.4f}**, N=16; scheduler spec "
+            f"{planner.spec.digest}: {decision}"]  # the sampling job's line, the decision added by the scheduler
+        linked = {m.key: m.value for m in world["client"].get_logged_model(logged_model_id(found)).metrics}
+        assert linked["fid_ddim4_n16"] == pytest.approx(fids[version], abs=1e-9)  # the evaluation run's metric
     assert world["client"].get_registered_model("ddpm-tiny").tags["ddpm.champion_spec"] == planner.spec.digest
 
     again = scheduler(world).tick(poll=1)  # a restarted scheduler: state comes from MLflow and Ray

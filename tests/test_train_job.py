@@ -86,6 +86,9 @@ def test_ddp_run_trains_checkpoints_tracks_and_registers(tmp_path, dataset, ray_
     assert version.tags["steps"] == "24" and version.tags["run_id"] == run.info.run_id
     info = json.loads((Path(dataset) / "dataset.json").read_text())
     assert version.tags["dataset_fingerprint"] == info["fingerprint"]
+    (data_input,) = run.inputs.dataset_inputs  # the dataset as the run's input, with its fingerprint and counts
+    assert data_input.dataset.name == "tiny16" and json.loads(data_input.dataset.profile)["counts"] == info["counts"]
+    assert json.loads(data_input.dataset.profile)["fingerprint"] == info["fingerprint"]
     mlflow.set_tracking_uri(f"sqlite:///{tmp_path / 'mlflow.db'}")
     loaded = mlflow.pyfunc.load_model("models:/ddpm-tiny@candidate")
     ema = load_file(str(checkpoints[-1] / "ema.safetensors"))
@@ -343,6 +346,7 @@ def test_bad_inputs_are_refused_before_training(tmp_path, dataset, ray_local, ca
     fails([*base, "--workers", "4"], "cannot place 4 workers needing 1 CPU each: the cluster has 2 CPU")
     fails([*base, "--workers", "3"], "global batch 16 does not split evenly over 3 workers")
     fails([*base, "--set", "train.lr=-1"], "train.lr must be positive")
+    fails([*base, "--set", "train.fid_every=8"], "train.fid_every needs reference statistics: ")
     fails([*base, "--tracking-uri", "http://127.0.0.1:9"], "cannot reach the MLflow tracking store at http://127.0.0.1:9")
     (tmp_path / "dataset.json").write_text("{}")
     fails([*base, "--storage", str(tmp_path / "dataset.json" / "x")], "is not writable")
@@ -366,3 +370,21 @@ def test_ray_job_submit_trains_the_tiny_preset_end_to_end(tmp_path, dataset, ray
     assert done.returncode == 0, output[-4000:]
     assert "registered ddpm-tiny version 1 (alias candidate)" in output
     assert read_state(tmp_path / "runs" / "submitted" / "checkpoint_000000012").step == 12
+
+
+def test_the_training_fid_scores_against_the_datasets_own_statistics_named_by_their_network(tmp_path):
+    from ddpm_core.fid import save_reference
+    from pipelines.training_quality import QualityReferenceError, find_reference, metric_name, reference_features
+
+    with pytest.raises(QualityReferenceError, match=f"{tmp_path} has none of fid_stats.npz, fid_stats_pseudo.npz"):
+        find_reference(str(tmp_path), None)
+    mu, sigma = np.zeros(2), np.eye(2)  # a real file holds 2048 features; these functions read only provenance
+    (tmp_path / "fid_stats_pseudo.npz").write_bytes(save_reference(mu, sigma, extractor_sha256="random-init(seed=0)"))
+    assert find_reference(str(tmp_path), None).endswith("/fid_stats_pseudo.npz")
+    assert reference_features((tmp_path / "fid_stats_pseudo.npz").read_bytes()) == "random-init"
+    (tmp_path / "fid_stats.npz").write_bytes(save_reference(mu, sigma, extractor_sha256="ab" * 32))
+    assert find_reference(str(tmp_path), None).endswith("/fid_stats.npz")  # the FID network's first
+    assert find_reference(str(tmp_path), "/elsewhere/ref.npz") == "/elsewhere/ref.npz"
+    assert reference_features(save_reference(mu, sigma)) == "inception"  # pytorch-fid, clean-fid, ADM files
+    assert metric_name("random-init", 256) == "train/pseudo_fid_dpmpp_2m10_n256"
+    assert metric_name("inception", 64) == "train/spec_fid_dpmpp_2m10_n64"
