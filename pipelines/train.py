@@ -90,19 +90,7 @@ def train(args: argparse.Namespace) -> None:
     from pipelines.mlflow_tracking import TrainingRun, connect, param_value, redact, resolve_tracking_uri
     from pipelines.ray_runtime import init_ray, require_resources
 
-    config = get_preset(args.preset).with_overrides(args.set)
-    if args.data is None:
-        raise ArgumentError("--data is required: the dataset root made by `ddpm shard`")
-    if args.workers < 1:
-        raise ArgumentError(f"--workers must be >= 1, got {args.workers}")
-    if config.train.batch_size % args.workers:
-        raise ConfigError(f"the global batch {config.train.batch_size} does not split evenly over {args.workers} "
-                          "workers; choose a worker count that divides it")
-    data = open_storage(args.data)
-    info = read_dataset_info(data)
-    if info["resolution"] != config.model.resolution:
-        raise DatasetError(f"dataset {args.data} holds {info['resolution']}×{info['resolution']} images but preset "
-                           f"{config.preset} trains at {config.model.resolution}×{config.model.resolution}")
+    config, data, info = checked_inputs(args)
     fid_reference = quality_reference(data.uri, args.fid_ref) if config.train.fid_every else None
     storage_uri = args.storage if args.storage.startswith("s3://") else str(Path(args.storage).expanduser().resolve())
     open_storage(storage_uri).check_writable()
@@ -145,6 +133,24 @@ def train(args: argparse.Namespace) -> None:
     log.info("done: step %d, %d non-finite steps skipped; checkpoint %s; registered %s version %s "
              "(alias candidate); MLflow run %s", done.step, done.nonfinite_steps, done.checkpoint_uri,
              registered_name(config.preset), version, run.run_id)
+
+
+def checked_inputs(args: argparse.Namespace):
+    """The config, the opened dataset and its dataset.json, refused when they cannot train together."""
+    config = get_preset(args.preset).with_overrides(args.set)
+    if args.data is None:
+        raise ArgumentError("--data is required: the dataset root made by `ddpm shard`")
+    if args.workers < 1:
+        raise ArgumentError(f"--workers must be >= 1, got {args.workers}")
+    if config.train.batch_size % args.workers:
+        raise ConfigError(f"the global batch {config.train.batch_size} does not split evenly over {args.workers} "
+                          "workers; choose a worker count that divides it")
+    data = open_storage(args.data)
+    info = read_dataset_info(data)
+    if info["resolution"] != config.model.resolution:
+        raise DatasetError(f"dataset {args.data} holds {info['resolution']}×{info['resolution']} images but preset "
+                           f"{config.preset} trains at {config.model.resolution}×{config.model.resolution}")
+    return config, data, info
 
 
 def trained_steps(client, run_id: str) -> int:
