@@ -55,20 +55,21 @@ def toy_config(resolution: int, timesteps: int, ema_decay: float) -> Config:
 
 
 def train_run(config: Config, data: torch.Tensor, lengths: list[int], directory: Path, seed: int = 0) -> list[Path]:
-    """One training run from `seed`, a checkpoint (`checkpoint_<step>`) after each of `lengths` steps."""
+    """One training run from `seed`, a checkpoint (`checkpoint_<step>`) after each of `lengths` steps (0 too)."""
     torch.manual_seed(seed)
     model = UNet(config.model)
     diffusion = GaussianDiffusion.from_config(config.diffusion)
     optimizer, ema = build_optimizer(model, config.train), build_ema(model, config.train)
     generator = torch.Generator().manual_seed(seed)
     checkpoints, started = [], time.perf_counter()
-    for step in range(max(lengths)):
-        x0 = data[torch.randint(0, len(data), (config.train.batch_size,), generator=generator)]
-        loss = train_step(model, diffusion, optimizer, ema, x0, step, config.train, generator).loss
-        if step + 1 in lengths:
-            state = TrainingState(step=step + 1, config=config.to_dict(), seed=seed)
-            checkpoints.append(save_checkpoint(directory / checkpoint_name(step + 1), model, ema, optimizer, state))
-            print(f"  step {step + 1}: loss {loss:.4f}, {time.perf_counter() - started:.0f} s", file=sys.stderr)
+    for step in range(max(lengths) + 1):  # the checkpoint after `step` steps (0: the initialised model)
+        if step in lengths:
+            state = TrainingState(step=step, config=config.to_dict(), seed=seed)
+            checkpoints.append(save_checkpoint(directory / checkpoint_name(step), model, ema, optimizer, state))
+            print(f"  step {step}: {time.perf_counter() - started:.0f} s", file=sys.stderr)
+        if step < max(lengths):
+            x0 = data[torch.randint(0, len(data), (config.train.batch_size,), generator=generator)]
+            train_step(model, diffusion, optimizer, ema, x0, step, config.train, generator)
     return checkpoints
 
 
@@ -84,7 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", required=True, help="folder of the run, the reference and the report")
     parser.add_argument("--train-steps", type=int, nargs="+", default=[50, 100, 200, 400, 800],
-                        help="a checkpoint after each of these training steps (at least 3)")
+                        help="a checkpoint after each of these training steps (at least 3; 0: untrained)")
     parser.add_argument("--resolution", type=int, default=8, help="the digits' native size is 8")
     parser.add_argument("--timesteps", type=int, default=get_preset("tiny").diffusion.timesteps,
                         help="the model's T: the expensive spec samples all of them")
