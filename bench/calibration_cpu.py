@@ -14,7 +14,7 @@
 A toy model and a toy metric: what it shows about this run does not transfer to the paper's presets (their
 routine spec stays docs/evaluation.md's until calibrated at scale, with the FID network). Its report
 (calibration.md, .json, .png and an MLflow run in --out/mlflow.db) is ranked by the expensive spec; each
-score is the record the sampling job wrote. tests/test_calibrate.py runs it small.
+score is the record the sampling job wrote. docs/evaluation.md shows a run of it.
 """
 
 from __future__ import annotations
