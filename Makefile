@@ -26,7 +26,7 @@ $(VENV)/.installed: pyproject.toml Makefile
 # waits on process starts and Ray's control plane, which two files at once overlap (1160 → 997 s on 2 cores).
 TEST_PROCESSES ?= 2
 test: setup
-	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --durations=25
+	$(BIN)/python -m pytest -q -n $(TEST_PROCESSES) --dist loadfile --no-loadscope-reorder --durations=25
 
 # The whole pipeline on this machine (local Ray, MLflow on SQLite, local disk, CPU); DEMO_FAST=1 for a quick run.
 demo: setup

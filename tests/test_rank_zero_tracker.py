@@ -26,19 +26,24 @@ def server(tmp_path):
     server.stop()
 
 
-def new_run(uri: str) -> str:
-    client = MlflowClient(uri)
-    return client.create_run(client.create_experiment("outage")).info.run_id
+def new_run(uri: str, monkeypatch) -> str:
+    """The run to log to, made with MLflow's own retries: the worker's one try of 10 s is the tracker's alone (a
+    server's first request after its start can take longer on a loaded machine)."""
+    with monkeypatch.context() as patch:
+        for key in WORKER_MLFLOW_ENV:
+            patch.delenv(key)
+        client = MlflowClient(uri)
+        return client.create_run(client.create_experiment("outage")).info.run_id
 
 
 def records(caplog, level: int) -> list[str]:
     return [r.getMessage() for r in caplog.records if r.name == "ddpm.train" and r.levelno == level]
 
 
-def test_points_logged_during_an_outage_reach_mlflow_once_in_order_with_their_time(server, caplog):
+def test_points_logged_during_an_outage_reach_mlflow_once_in_order_with_their_time(server, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="ddpm.train")
     server.start()
-    run_id = new_run(server.uri)
+    run_id = new_run(server.uri, monkeypatch)
     tracker = RankZeroTracker(server.uri, run_id)
     logged = {"loss": [], "lr": []}
 
@@ -84,9 +89,10 @@ def test_points_logged_during_an_outage_reach_mlflow_once_in_order_with_their_ti
     assert "mlflow_points_dropped" not in client.get_run(run_id).data.metrics
 
 
-def test_a_full_buffer_drops_the_oldest_points_once_warned_and_counts_them(server, caplog):
+def test_a_full_buffer_drops_the_oldest_points_once_warned_and_counts_them(server, caplog, monkeypatch):
     caplog.set_level(logging.INFO, logger="ddpm.train")
-    run_id = new_run(f"sqlite:///{server.root / 'mlflow.db'}")  # in the server's store; the server is not up yet
+    # In the server's store; the server is not up yet.
+    run_id = new_run(f"sqlite:///{server.root / 'mlflow.db'}", monkeypatch)
     tracker = RankZeroTracker(server.uri, run_id, max_values=4)
     for step in (1, 2, 3, 4):
         tracker.metrics({"loss": float(step), "lr": 0.1}, step)
@@ -121,7 +127,7 @@ def test_system_metrics_of_the_training_machine_go_to_the_run_and_a_resume_conti
                                                                                                monkeypatch):
     monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.2")
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
-    run_id = new_run(uri)
+    run_id = new_run(uri, monkeypatch)
     for _ in range(2):  # the run, then the same run resumed
         with RankZeroTracker(uri, run_id).system_metrics():
             time.sleep(1.0)
