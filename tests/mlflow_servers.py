@@ -52,6 +52,9 @@ class MlflowServer:
             stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True)
         try:
             wait_until_healthy(self.uri, self.process, self.root / "server.log", timeout)
+            # Ready is answering the API: /health answers before the worker opens its store, and that first store
+            # request took over 10 s on a loaded machine, beyond the one try a test under way gives its client.
+            urllib.request.urlopen(f"{self.uri}/api/2.0/mlflow/experiments/search?max_results=1", timeout=timeout)
         except RuntimeError:
             self.stop()
             raise
