@@ -80,7 +80,12 @@ def run(args: argparse.Namespace) -> int:
 
 def print_config(args: argparse.Namespace) -> None:
     """The config a run of these flags would train: the preset with every --set, as JSON (no Ray, no MLflow)."""
-    print(json.dumps(get_preset(args.preset).with_overrides(args.set).to_dict(), indent=2))
+    print(json.dumps(resolved_config(args).to_dict(), indent=2))
+
+
+def resolved_config(args: argparse.Namespace) -> Config:
+    """The preset with every --set applied."""
+    return get_preset(args.preset).with_overrides(args.set)
 
 
 def train(args: argparse.Namespace) -> None:
@@ -137,7 +142,7 @@ def train(args: argparse.Namespace) -> None:
 
 def checked_inputs(args: argparse.Namespace):
     """The config, the opened dataset and its dataset.json, refused when they cannot train together."""
-    config = get_preset(args.preset).with_overrides(args.set)
+    config = resolved_config(args)
     if args.data is None:
         raise ArgumentError("--data is required: the dataset root made by `ddpm shard`")
     if args.workers < 1:
