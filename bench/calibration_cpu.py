@@ -1,15 +1,16 @@
 """`ddpm calibrate` on a real toy run: does a cheap spec rank one run's checkpoints as DDPM over all T steps does?
 
-    nice -n 5 python bench/calibration_cpu.py --out /tmp/calibration --png docs/calibration.png
+    nice -n 5 python bench/calibration_cpu.py --out /tmp/calibration --png docs/calibration_toy.png
 
-1. Trains the `tiny` preset in-process on scikit-learn's digits (pipelines/demo_data.py) at --resolution²
-   (attention at half of it, EMA --ema-decay: short runs need a short EMA), one run from one seed, with a
-   checkpoint at each of --train-steps: a longer run of the same recipe is the better model.
-2. Reference statistics of the first --ref-num digits under the seeded random-init Inception.
+1. Trains --preset (`tiny`, or the grey `demo`) in-process on scikit-learn's digits (pipelines/demo_data.py)
+   at --resolution² (attention at half of it, EMA --ema-decay: short runs need a short EMA), one run from
+   one seed, with a checkpoint at each of --train-steps: a longer run of the same recipe is the better model.
+2. Reference statistics of the first --ref-num digits under --features: pixels (8×8 area means, pixel FD),
+   which sees such checkpoints improve, or random-init (the seeded random Inception, pseudo-FID), which at
+   these sizes ranks them backwards (docs/evaluation.md).
 3. `ddpm calibrate` on those checkpoints: the expensive spec is DDPM over all T steps of the model
-   (--timesteps, default the preset's 1000), the cheap ones --cheap; --num samples per set, scored with the
-   random-init network against that reference (pseudo-FID), in fp32 with x̂0 clipped, in this process's
-   sampling jobs (no Ray).
+   (--timesteps, default the preset's 1000), the cheap ones --cheap; --num samples per set, scored with
+   --features against that reference, in fp32 with x̂0 clipped, in this process's sampling jobs (no Ray).
 
 A toy model and a toy metric: what it shows about this run does not transfer to the paper's presets (their
 routine spec stays docs/evaluation.md's until calibrated at scale, with the FID network). Its report
@@ -40,6 +41,7 @@ from ddpm_core.fid import image_statistics, save_reference  # noqa: E402
 from ddpm_core.inception import feature_network  # noqa: E402
 from ddpm_core.pixels import to_uint8  # noqa: E402
 from ddpm_core.presets import get_preset  # noqa: E402
+from ddpm_core.reference_provenance import resize_of  # noqa: E402
 from ddpm_core.training import build_ema, build_optimizer, train_step  # noqa: E402
 from ddpm_core.unet import UNet  # noqa: E402
 from pipelines.cli import main as ddpm  # noqa: E402
@@ -47,9 +49,9 @@ from pipelines.cli import main as ddpm  # noqa: E402
 CHEAP = ["dpmpp_2m:20:trailing", "ddim:50:trailing:0", "ddim:50:trailing:1"]
 
 
-def toy_config(resolution: int, timesteps: int, ema_decay: float) -> Config:
-    """The `tiny` preset at `resolution`² (attention at half of it), T = `timesteps`, EMA `ema_decay`."""
-    return get_preset("tiny").with_overrides([f"model.resolution={resolution}",
+def toy_config(preset: str, resolution: int, timesteps: int, ema_decay: float) -> Config:
+    """`preset` at `resolution`² (attention at half of it), T = `timesteps`, EMA `ema_decay`."""
+    return get_preset(preset).with_overrides([f"model.resolution={resolution}",
                                               f"model.attn_resolutions=[{resolution // 2}]",
                                               f"diffusion.timesteps={timesteps}", f"train.ema_decay={ema_decay}"])
 
@@ -73,11 +75,12 @@ def train_run(config: Config, data: torch.Tensor, lengths: list[int], directory:
     return checkpoints
 
 
-def write_reference(images: np.ndarray, path: Path) -> None:
-    """The random-init Inception's statistics of `images` (uint8, N×H×W×3) as a reference .npz."""
-    network, extractor = feature_network("random-init")
+def write_reference(images: np.ndarray, path: Path, features: str = "pixels") -> None:
+    """The statistics of `images` (uint8, N×H×W×3) under `features` (pixels or random-init) as a reference .npz."""
+    network, extractor = feature_network(features)
     mu, sigma = image_statistics(network, images, np.arange(len(images)))[0].mean_cov()
-    path.write_bytes(save_reference(mu, sigma, n=len(images), extractor_sha256=extractor,
+    path.write_bytes(save_reference(mu, sigma, n=len(images), extractor_sha256=extractor, features=features,
+                                    resize=resize_of(features),
                                     source=f"the first {len(images)} scikit-learn digits at {images.shape[1]}²"))
 
 
@@ -86,6 +89,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", required=True, help="folder of the run, the reference and the report")
     parser.add_argument("--train-steps", type=int, nargs="+", default=[50, 100, 200, 400, 800],
                         help="a checkpoint after each of these training steps (at least 3; 0: untrained)")
+    parser.add_argument("--preset", default="tiny", choices=("tiny", "demo"),
+                        help="the network and recipe (demo: grey, 1 channel, three levels)")
     parser.add_argument("--resolution", type=int, default=8, help="the digits' native size is 8")
     parser.add_argument("--timesteps", type=int, default=get_preset("tiny").diffusion.timesteps,
                         help="the model's T: the expensive spec samples all of them")
@@ -94,6 +99,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="the specs to calibrate, SAMPLER[:STEPS[:SPACING[:ETA]]] (default: the routine spec, "
                              "DDIM-50 η=0 and η=1)")
     parser.add_argument("--num", type=int, default=32, help="samples per set (a toy metric: small N)")
+    parser.add_argument("--features", choices=("pixels", "random-init"), default="pixels",
+                        help="the toy metric: pixel FD, or the random-init Inception's pseudo-FID")
     parser.add_argument("--ref-num", type=int, default=256, help="training digits in the reference statistics")
     parser.add_argument("--png", default=None, help="copy the plot here too (e.g. docs/calibration.png)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (more than one spins on a busy CPU)")
@@ -101,22 +108,23 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     out = Path(args.out).absolute()
     out.mkdir(parents=True, exist_ok=True)
-    config = toy_config(args.resolution, args.timesteps, args.ema_decay)
-    data = digits(args.resolution)
+    config = toy_config(args.preset, args.resolution, args.timesteps, args.ema_decay)
+    data = digits(args.resolution)[:, :config.model.in_channels]  # R = G = B; a grey model takes one of them
     started = time.perf_counter()
     if not all((out / "run" / checkpoint_name(n)).is_dir() for n in args.train_steps):
         shutil.rmtree(out / "run", ignore_errors=True)
-        print(f"training tiny at {args.resolution}² (T={args.timesteps}) to {max(args.train_steps)} steps on "
+        print(f"training {args.preset} at {args.resolution}² (T={args.timesteps}) to {max(args.train_steps)} steps on "
               f"{len(data)} digits", file=sys.stderr)
         train_run(config, data, args.train_steps, out / "run")
-    if not (out / "ref.npz").is_file():
-        write_reference(to_uint8(data[:args.ref_num]), out / "ref.npz")
+    reference = f"ref-{args.features}.npz"
+    if not (out / reference).is_file():
+        write_reference(to_uint8(data[:args.ref_num]), out / reference, args.features)
     print(f"trained and referenced in {time.perf_counter() - started:.0f} s", file=sys.stderr)
     models = [f"run/{checkpoint_name(n)}" for n in args.train_steps]  # relative: short names in the report
     with contextlib.chdir(out):
         code = ddpm(["calibrate", "--models", *models, "--expensive", "ddpm", "--cheap", *args.cheap, "--out",
                      "calibration", "--num", str(args.num), "--per-tar", str(args.num), "--allow-small-n",
-                     "--actors", "0", "--features", "random-init", "--ref", "ref.npz",
+                     "--actors", "0", "--features", args.features, "--ref", reference,
                      "--tracking-uri", f"sqlite:///{out / 'mlflow.db'}"])
     if code == 0 and args.png:
         shutil.copyfile(out / "calibration" / "calibration.png", args.png)

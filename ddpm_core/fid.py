@@ -139,38 +139,48 @@ def load_reference(data: bytes, name: str, dim: int = FEATURE_DIM) -> tuple[np.n
     return mu.astype(np.float64), sigma.astype(np.float64)
 
 
-def image_statistics(inception, images: np.ndarray, indices: np.ndarray, batch_size: int = 50,
-                     device: str = "cpu") -> tuple[FeatureStats, ScoreStats]:
-    """Pool3 moments and Inception Score sums of uint8 images (N, H, W, 3) with their global indices."""
+def image_statistics(network, images: np.ndarray, indices: np.ndarray, batch_size: int = 50,
+                     device: str = "cpu") -> tuple[FeatureStats, ScoreStats | None]:
+    """Feature moments (pool3, or pixel features) and Inception Score sums of uint8 images (N, H, W, 3) with their
+    global indices; no score sums from a network without logits (ddpm_core/pixel_features.py)."""
     import torch
 
-    features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+    features, scores = FeatureStats.empty(network.dim), None
     for start in range(0, len(images), batch_size):
         batch = torch.from_numpy(np.ascontiguousarray(images[start:start + batch_size])).permute(0, 3, 1, 2)
-        pool, logits = inception(batch.to(device))
+        pool, logits = network(batch.to(device))
         features = features + FeatureStats.of(pool.double().cpu().numpy())
-        scores = scores + ScoreStats.of(logits.double().cpu().numpy(), indices[start:start + batch_size])
+        if logits is not None:
+            found = ScoreStats.of(logits.double().cpu().numpy(), indices[start:start + batch_size])
+            scores = found if scores is None else scores + found
     return features, scores
 
 
-def statistics_row(features: FeatureStats, scores: ScoreStats, extractor: str) -> dict[str, np.ndarray]:
+def statistics_row(features: FeatureStats, scores: ScoreStats | None, extractor: str) -> dict[str, np.ndarray]:
     """Statistics as one row of a Ray Data stage (or of its in-process stand-in), exactly mergeable, with the
-    extractor that computed them (the weights' sha256, or `random-init(seed=0)`)."""
-    return {"n": np.array([features.n]), "total": features.total[None], "outer": features.outer[None],
-            "is_n": scores.n[None], "is_prob": scores.prob_sum[None], "is_plogp": scores.plogp_sum[None],
-            "extractor": np.array([extractor])}
+    extractor that computed them (the weights' sha256, `random-init(seed=0)` or `pixels(8x8)`)."""
+    row = {"n": np.array([features.n]), "total": features.total[None], "outer": features.outer[None],
+           "extractor": np.array([extractor])}
+    if scores is not None:
+        row.update(is_n=scores.n[None], is_prob=scores.prob_sum[None], is_plogp=scores.plogp_sum[None])
+    return row
 
 
-def merge_statistics(rows: Iterable[dict], total: int, what: str) -> tuple[FeatureStats, ScoreStats, str | None]:
+def merge_statistics(rows: Iterable[dict], total: int,
+                     what: str) -> tuple[FeatureStats | None, ScoreStats | None, str | None]:
     """The sum of `statistics_row` rows (a row with only `n` counts images without statistics) and their one
-    extractor (None without statistics), showing progress as `what done/total` (progress.py). Rows computed by different
-    networks (nodes holding different weights files) are refused: their sum would be no one's statistics."""
-    features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+    extractor (None, None, None without statistics; no ScoreStats from a network without logits), showing
+    progress as `what done/total` (progress.py). Rows computed by different networks (nodes holding different
+    weights files) are refused: their sum would be no one's statistics."""
+    features = scores = None
     extractors: set[str] = set()
     for row in track(rows, total, what, count=lambda row: int(row["n"])):
         if "total" in row:
-            features = features + FeatureStats(int(row["n"]), row["total"], row["outer"])
-            scores = scores + ScoreStats(row["is_n"], row["is_prob"], row["is_plogp"])
+            found = FeatureStats(int(row["n"]), row["total"], row["outer"])
+            features = found if features is None else features + found
+            if "is_n" in row:
+                found_scores = ScoreStats(row["is_n"], row["is_prob"], row["is_plogp"])
+                scores = found_scores if scores is None else scores + found_scores
             extractors.add(str(row["extractor"]))
     if len(extractors) > 1:
         raise StatsError(f"the {what} were scored by different feature networks ({', '.join(sorted(extractors))}): "

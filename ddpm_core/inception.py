@@ -35,7 +35,9 @@ from torch_fidelity.feature_extractor_inceptionv3 import (
 )
 from torch_fidelity.interpolate_compat_tensorflow import interpolate_bilinear_2d_like_tensorflow1x
 
+from . import pixel_features
 from .errors import UserError
+from .fid import FEATURE_DIM
 from .storage import sha256_file
 
 # The pytorch-fid / torch-fidelity state_dict of the TF 2015-12-05 graph (95,628,359 bytes).
@@ -55,7 +57,8 @@ WEIGHTS_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_we
 URL_ENV = "DDPM_INCEPTION_URL"
 DOWNLOAD_ENV = "DDPM_INCEPTION_DOWNLOAD"  # "0": never download (air-gapped clusters)
 RANDOM_INIT_SEED = 0  # the pseudo-FID network's seed: its statistics compare only with this seed's
-FEATURES = ("inception", "random-init", "none")  # the FID network, its random-init variant (pseudo-FID), none
+# The FID network, its random-init variant (pseudo-FID), pixel features (pixel FD, ddpm_core/pixel_features.py), none
+FEATURES = ("inception", "random-init", "pixels", "none")
 
 log = logging.getLogger(__name__)
 
@@ -139,6 +142,8 @@ def fetch_weights(url: str | None = None) -> Path:
 class FIDInception(nn.Module):
     """uint8 images (N, 3, H, W) → pool3 features (N, 2048) and unbiased logits (N, 1008), float32."""
 
+    dim = FEATURE_DIM
+
     def __init__(self) -> None:
         super().__init__()
         self.Conv2d_1a_3x3 = BasicConv2d(3, 32, kernel_size=3, stride=2)
@@ -207,13 +212,20 @@ class FIDInception(nn.Module):
         return pool, pool @ self.fc.weight.T
 
 
-def feature_network(features: str, weights: str | os.PathLike | None = None) -> tuple[FIDInception | None, str | None]:
+def feature_network(features: str, weights: str | os.PathLike | None = None) -> tuple[nn.Module | None, str | None]:
     """The network of a feature mode and the extractor its scores record, resolved in this process:
     `inception` loads `find_weights(weights)` (this process's --inception-weights, $DDPM_INCEPTION_WEIGHTS or
     cache, fetched if allowed) and records its sha256; `random-init` (pseudo-FID) records
-    `random-init(seed=0)`; `none` gives (None, None)."""
+    `random-init(seed=0)`; `pixels` (pixel FD) records `pixels(8x8)`; `none` gives (None, None)."""
     if features == "inception":
         return FIDInception.from_weights(weights)
     if features == "random-init":
         return FIDInception.random_init(RANDOM_INIT_SEED), f"random-init(seed={RANDOM_INIT_SEED})"
+    if features == "pixels":
+        return pixel_features.PixelFeatures(), pixel_features.EXTRACTOR
     return None, None
+
+
+def feature_dim(features: str) -> int:
+    """The length of a feature mode's vectors (the size of its statistics)."""
+    return pixel_features.PixelFeatures.dim if features == "pixels" else FIDInception.dim

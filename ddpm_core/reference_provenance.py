@@ -15,7 +15,12 @@ from pathlib import PurePosixPath
 
 import numpy as np
 
-RESIZE = "tf1_bilinear_299"  # ddpm_core/inception.py's resize, recorded in every reference we write
+from . import pixel_features
+
+RESIZE = "tf1_bilinear_299"  # ddpm_core/inception.py's resize, recorded in every Inception reference we write
+# What `ddpm fid-ref --data` names its file, by feature mode; training's quality probe looks for them in this order.
+REFERENCE_NAMES = {"inception": "fid_stats.npz", "random-init": "fid_stats_pseudo.npz",
+                   "pixels": "fid_stats_pixels.npz"}
 # clean-fid's file names: <dataset>_<mode>_<split>_<resolution>.npz, mode clean / legacy_pytorch / legacy_tensorflow
 CLEANFID_MODE = re.compile(r"_(clean|legacy_pytorch|legacy_tensorflow)_")
 
@@ -29,11 +34,26 @@ def recorded(data: bytes) -> dict[str, str]:
         return {}  # load_reference says what is wrong with the file
 
 
+def resize_of(features: str) -> str:
+    """How a feature mode resizes an image before its network: what its references record."""
+    return pixel_features.RESIZE if features == "pixels" else RESIZE
+
+
+def recorded_features(data: bytes) -> str:
+    """The feature mode a reference .npz was made with, by the extractor it records (our files do; pytorch-fid,
+    clean-fid and ADM files are the FID network's)."""
+    extractor = recorded(data).get("extractor_sha256", "")
+    if extractor == pixel_features.EXTRACTOR:
+        return "pixels"
+    return "random-init" if extractor.startswith("random-init") else "inception"
+
+
 def provenance_warning(data: bytes, name: str, features: str) -> str | None:
-    """Why the reference `name` may not compare with `features` (inception or random-init) computed here, or None."""
-    found = recorded(data)
-    if found.get("resize", RESIZE) != RESIZE:
-        return f"the reference {name} was made with the {found['resize']} resize, these features with {RESIZE}"
+    """Why the reference `name` may not compare with `features` (inception, random-init or pixels) computed here,
+    or None."""
+    found, resize = recorded(data), resize_of(features)
+    if found.get("resize", resize) != resize:
+        return f"the reference {name} was made with the {found['resize']} resize, these features with {resize}"
     if found.get("features", features) != features:
         return f"the reference {name} holds {found['features']} features, these are {features}"
     mode = CLEANFID_MODE.search(PurePosixPath(name).name)

@@ -11,7 +11,7 @@ actors where that job does). Per cheap spec it reports the cost ratio (network e
 the seconds measured here), the Spearman rank correlation of its scores with the expensive spec's, and
 whether both pick the same best model. Writes calibration.json, calibration.md and calibration.png to
 --out and logs them to MLflow. A score is the one the record carries (fid, spec_fid or, with
---features random-init, pseudo_fid: a toy metric, for tests and development only).
+--features random-init or pixels, pseudo_fid or pixel_fd: toy metrics, for tests and development only).
 """
 
 from __future__ import annotations
@@ -54,7 +54,7 @@ class CalibrationError(UserError):
 class Scored:
     model: str
     setting: str
-    label: str  # fid, spec_fid or pseudo_fid
+    label: str  # one of FID_LABELS
     score: float
     evaluations_per_image: int  # network evaluations: T for ddpm, --steps otherwise
     seconds: float | None  # measured here; None when the set was already complete
@@ -79,7 +79,7 @@ def run(args: argparse.Namespace) -> int:
 
 def calibrate(args: argparse.Namespace) -> int:
     if args.features == "none" or not args.ref:
-        raise ArgumentError("calibration ranks scores: give --ref and --features inception (or random-init)")
+        raise ArgumentError("calibration ranks scores: give --ref and --features inception (or random-init, pixels)")
     if len(set(args.models)) < MIN_MODELS:
         raise ArgumentError(f"--models needs at least {MIN_MODELS} different models to rank, got {len(args.models)}")
     settings = [args.expensive, *args.cheap]

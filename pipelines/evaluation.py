@@ -30,8 +30,10 @@ PUBLISHED_N = 50000  # samples per published FID
 ADDED_FIELDS = {key: SPEC_DEFAULTS[key] for key in ("spacing", "clip")}
 # What a Fréchet distance is called: "fid" only under the paper's protocol (`EvaluationResult.is_paper_protocol`);
 # "spec_fid" with the FID network under any other spec (its metric and tag names say the sampler, steps and N);
-# "pseudo_fid" with the random-init network (never an FID).
-FID_LABELS = ("fid", "spec_fid", "pseudo_fid")
+# "pseudo_fid" with the random-init network (never an FID); "pixel_fd" with pixel features (a toy metric, no
+# Inception at all: ddpm_core/pixel_features.py).
+FID_LABELS = ("fid", "spec_fid", "pseudo_fid", "pixel_fd")
+TOY_SCORES = {"pseudo_fid": "pseudo-FID", "pixel_fd": "pixel FD"}  # the labels that never promote, as people read them
 
 
 @dataclass(frozen=True)
@@ -117,7 +119,8 @@ def add_sample_set_arguments(parser: argparse.ArgumentParser, features_default: 
     parser.add_argument("--per-tar", type=int, default=1000, help="images per output tar (a tar is the unit of resume)")
     parser.add_argument("--features", choices=FEATURES, default=features_default,
                         help="inception: the FID network (verified weights); random-init: development only, "
-                             "reported as pseudo-FID, which never promotes; none: sample only")
+                             "reported as pseudo-FID, which never promotes; pixels: 8x8 area means, reported as "
+                             "pixel FD (a toy metric for CPU calibrations, never promotes); none: sample only")
     parser.add_argument("--actors", type=int, default=1, help="sampling actors (one GPU each with --gpu); 0: in "
                                                               "this process, without Ray (small sample sets)")
     parser.add_argument("--gpu", action="store_true", help="one GPU per actor")
@@ -197,6 +200,7 @@ class EvaluationResult:
     fid: float | None = None
     spec_fid: float | None = None
     pseudo_fid: float | None = None
+    pixel_fd: float | None = None
     inception_score: float | None = None
     inception_score_std: float | None = None
     spec_inception_score: float | None = None
@@ -221,18 +225,22 @@ class EvaluationResult:
     @property
     def prefix(self) -> str:
         """Of its score fields: "" under the paper's protocol, "spec_" with the FID network otherwise, "pseudo_"
-        with the random-init network."""
-        return "pseudo_" if self.features != "inception" else "" if self.is_paper_protocol else "spec_"
+        with the random-init network, "pixel_" with pixel features."""
+        return score_prefix(self.features, self.is_paper_protocol)
 
     @property
     def label(self) -> str:
         """The field its Fréchet distance goes by (FID_LABELS)."""
-        return f"{self.prefix}fid"
+        return fd_label(self.prefix)
 
-    def scored(self, fid: float | None, inception_score: tuple[float, float]) -> EvaluationResult:
-        """With its scores: the Fréchet distance (None without a reference) and the Inception Score (mean, std)."""
-        return replace(self, **{self.label: fid, f"{self.prefix}inception_score": inception_score[0],
-                                f"{self.prefix}inception_score_std": inception_score[1]})
+    def scored(self, fid: float | None, inception_score: tuple[float, float] | None) -> EvaluationResult:
+        """With its scores: the Fréchet distance (None without a reference) and the Inception Score (mean, std;
+        None from pixel features, which classify nothing)."""
+        found = {self.label: fid}
+        if inception_score is not None:
+            found.update({f"{self.prefix}inception_score": inception_score[0],
+                          f"{self.prefix}inception_score_std": inception_score[1]})
+        return replace(self, **found)
 
     def metrics(self) -> dict[str, float]:
         """Its scores under the names MLflow shows: a spec_ score is named after its sampler, steps and N
@@ -280,6 +288,23 @@ class EvaluationResult:
 
 
 SCORES = {f.name for f in fields(EvaluationResult) if f.default is None}
+
+
+def toy_label(record: dict) -> str | None:
+    """The label of the toy metric (TOY_SCORES) whose score `record` holds, or None."""
+    return next((label for label in TOY_SCORES if label in record), None)
+
+
+def score_prefix(features: str, paper_protocol: bool) -> str:
+    """The prefix of the score fields of features `features` (EvaluationResult.prefix)."""
+    if features == "inception":
+        return "" if paper_protocol else "spec_"
+    return "pixel_" if features == "pixels" else "pseudo_"
+
+
+def fd_label(prefix: str) -> str:
+    """The name of a Fréchet distance under `prefix`: pixel features' is no Inception distance (pixel_fd)."""
+    return "pixel_fd" if prefix == "pixel_" else f"{prefix}fid"
 
 
 def sampled_as_paper(record: EvaluationResult | EvalSpec) -> bool:

@@ -29,7 +29,7 @@ from webdataset.tariterators import group_by_keys, tar_file_expander
 from ddpm_core.errors import ArgumentError
 from ddpm_core.fid import image_statistics, merge_statistics, save_reference, statistics_row
 from ddpm_core.inception import feature_network
-from ddpm_core.reference_provenance import RESIZE
+from ddpm_core.reference_provenance import REFERENCE_NAMES, resize_of
 from ddpm_core.sharding import read_dataset_info, read_manifest
 from ddpm_core.storage import open_storage
 from pipelines.arguments import add_cpus_argument
@@ -40,7 +40,7 @@ log = logging.getLogger("ddpm.fid_reference")
 
 
 class ShardStatistics:
-    """A Ray Data actor: the Inception statistics of one dataset shard per row (of the images whose dataset
+    """A Ray Data actor: the feature statistics of one dataset shard per row (of the images whose dataset
     index is in `selection`, when there is one)."""
 
     def __init__(self, data: str, features: str, weights: str | None, threads: int,
@@ -50,7 +50,7 @@ class ShardStatistics:
         self.selection = None if selection is None else set(selection.tolist())
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         network, self.extractor = feature_network(features, weights)  # this node's file (ddpm_core/inception.py)
-        self.inception = network.to(self.device)
+        self.network = network.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         url, first = str(batch["url"][0]), int(batch["first_index"][0])
@@ -61,17 +61,17 @@ class ShardStatistics:
             images = np.stack([np.asarray(Image.open(io.BytesIO(s.get("png") or s["webp"])).convert("RGB"))
                                for _, s in chosen])
         indices = np.array([index for index, _ in chosen])
-        return statistics_row(*image_statistics(self.inception, images, indices, device=self.device), self.extractor)
+        return statistics_row(*image_statistics(self.network, images, indices, device=self.device), self.extractor)
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--data", required=True, help="dataset root made by the sharding job")
     parser.add_argument("--out", default=None, help="the .npz to write: a name (in --data) or a path, local or s3:// "
-                                                    "(default <data>/fid_stats.npz, or fid_stats_pseudo.npz with "
-                                                    "--features random-init)")
-    parser.add_argument("--features", choices=("inception", "random-init"), default="inception",
+                                                    "(default <data>/fid_stats.npz, fid_stats_pseudo.npz with "
+                                                    "--features random-init, fid_stats_pixels.npz with pixels)")
+    parser.add_argument("--features", choices=REFERENCE_NAMES, default="inception",
                         help="inception: the FID network (verified weights); random-init: the pseudo-FID network "
-                             "(development only)")
+                             "(development only); pixels: 8x8 area means (pixel FD, toy calibrations)")
     add_weights_argument(parser)
     parser.add_argument("--shards", type=int, default=None,
                         help="use only the first K shards (a quicker, noisier reference; N is recorded)")
@@ -101,7 +101,7 @@ def reference_statistics(args: argparse.Namespace) -> int:
         if args.shards < 1:
             raise ArgumentError(f"--shards must be >= 1, got {args.shards}")
         rows = sorted(rows, key=lambda row: row["shard_index"])[:args.shards]
-    name = args.out or ("fid_stats.npz" if args.features == "inception" else "fid_stats_pseudo.npz")
+    name = args.out or REFERENCE_NAMES[args.features]
     offsets = np.cumsum([0] + [row["num_samples"] for row in rows])
     total = int(offsets[-1])
     selection, subset = subset_indices(args, total)
@@ -114,7 +114,7 @@ def reference_statistics(args: argparse.Namespace) -> int:
                           gpu=args.gpu)
     features, _, extractor = merge_statistics(statistics, total if selection is None else len(selection), "images")
     mu, sigma = features.mean_cov()
-    payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize=RESIZE,
+    payload = save_reference(mu, sigma, n=features.n, extractor_sha256=extractor, resize=resize_of(args.features),
                              dataset_fingerprint=info["fingerprint"], features=args.features, **subset)
     if "/" in name:
         parent, _, leaf = name.rpartition("/")

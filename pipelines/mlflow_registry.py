@@ -44,7 +44,7 @@ RECORDED_SHA256 = {CONFIG: "ddpm.config_sha256", EMA_WEIGHTS: WEIGHTS_SHA_TAG}
 FOLDER_SHA256 = "@sha256:"
 CANDIDATE, CHAMPION = "candidate", "champion"  # every new version; the best verified FID of the owning spec
 CHAMPION_SPEC = "ddpm.champion_spec"  # registered-model tag: the spec whose scheduler moves `champion`
-EVAL = "ddpm.eval."  # + <digest>. + status, job, attempts, out, error, result_sha256, fid | pseudo_fid
+EVAL = "ddpm.eval."  # + <digest>. + status, job, attempts, out, error, result_sha256, its score
 PROMOTION = "ddpm.promotion."  # + <digest>. + decision, champion and the score: fid, champion_fid (or spec_fid, ...)
 
 
@@ -241,7 +241,8 @@ def tag_score(client: MlflowClient, version: ModelVersion, result: dict, label: 
                                                                           "promotion")
 
 
-SCORE_NAMES = {"fid": "FID", "spec_fid": "spec-FID", "pseudo_fid": "pseudo-FID (random-init network, not an FID)"}
+SCORE_NAMES = {"fid": "FID", "spec_fid": "spec-FID", "pseudo_fid": "pseudo-FID (random-init network, not an FID)",
+               "pixel_fd": "pixel FD (8x8 pixel features, a toy metric, not an FID)"}
 DESCRIPTION_HEADER = "Scores of this version (lower is better), one line per kind of sample set:"
 
 

@@ -83,6 +83,7 @@ def _train(loop: dict, rank: int) -> dict:
     config = Config.from_dict(loop["config"])
     world = ray.train.get_context().get_world_size()
     device = ray.train.torch.get_device()
+    torch.manual_seed(config.train.seed)  # the initial weights of a run are its seed's (DDP then broadcasts rank 0's)
     if device.type == "cuda":
         model = UNet(config.model).to(device, memory_format=torch.channels_last)
     else:

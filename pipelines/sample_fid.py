@@ -29,7 +29,6 @@ import torch
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.errors import ArgumentError, UserError
 from ddpm_core.fid import (
-    FEATURE_DIM,
     FeatureStats,
     ScoreStats,
     frechet_distance,
@@ -39,7 +38,7 @@ from ddpm_core.fid import (
     statistics_row,
 )
 from ddpm_core.image_files import image_chunks, read_chunk
-from ddpm_core.inception import accepted_weights, feature_network
+from ddpm_core.inception import accepted_weights, feature_dim, feature_network
 from ddpm_core.output_lock import OutputLock
 from ddpm_core.pixels import image_grid, to_uint8
 from ddpm_core.reference_provenance import provenance_warning
@@ -59,8 +58,10 @@ from pipelines.evaluation import (
     EvaluationResult,
     add_sampler_arguments,
     clip_setting,
+    fd_label,
     sampler_settings,
     sampling_precision_is_bf16,
+    score_prefix,
 )
 from pipelines.job_runner import command_line, run_job
 
@@ -68,7 +69,7 @@ log = logging.getLogger("ddpm.sample")
 
 
 class SampleAndScore:
-    """A Ray Data actor: holds the model and the Inception network; one input row is one sample tar."""
+    """A Ray Data actor: holds the model and the feature network; one input row is one sample tar."""
 
     def __init__(self, model: str, tracking_uri: str, spec: dict, out: str, features: str, weights: str | None,
                  batch_size: int, threads: int):
@@ -81,7 +82,7 @@ class SampleAndScore:
         self.diffusion = GaussianDiffusion.from_config(self.config.diffusion)
         self.spec, self.storage, self.batch_size = SampleSpec(**spec), open_storage(out), batch_size
         network, self.extractor = feature_network(features, weights)  # this node's file (ddpm_core/inception.py)
-        self.inception = None if network is None else network.to(self.device)
+        self.network = None if network is None else network.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         k, start, count, reuse = (int(batch[key][0]) for key in ("tar", "start", "count", "reuse"))
@@ -95,9 +96,9 @@ class SampleAndScore:
                                        self.device, self.spec.bf16, self.spec.spacing, self.spec.clip))
                 for i in range(0, count, self.batch_size)])
             write_sample_tar(self.storage, k, indices, images)
-        if self.inception is None:
+        if self.network is None:
             return {"n": np.array([len(indices)])}
-        return statistics_row(*image_statistics(self.inception, images, np.asarray(indices), device=self.device),
+        return statistics_row(*image_statistics(self.network, images, np.asarray(indices), device=self.device),
                               self.extractor)
 
 
@@ -109,14 +110,14 @@ class ImageStatistics:
         torch.set_num_threads(threads)
         self.device = "cuda" if torch.cuda.is_available() else "cpu"
         network, self.extractor = feature_network(features, weights)  # this node's file (ddpm_core/inception.py)
-        self.inception = network.to(self.device)
+        self.network = network.to(self.device)
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         first = int(batch["first"][0])
-        features, scores = FeatureStats.empty(), ScoreStats.empty(classes=1008)
+        features, scores = FeatureStats.empty(self.network.dim), None
         for positions, images in read_chunk(str(batch["tar"][0]), str(batch["files"][0])):
-            found = image_statistics(self.inception, images, first + positions, device=self.device)
-            features, scores = features + found[0], scores + found[1]
+            found, found_scores = image_statistics(self.network, images, first + positions, device=self.device)
+            features, scores = features + found, found_scores if scores is None else scores + found_scores
         return statistics_row(features, scores, self.extractor)
 
 
@@ -169,7 +170,7 @@ def evaluate(args: argparse.Namespace) -> int:
     if scoring:
         mu, sigma = features.mean_cov()
         result = result.scored(frechet_distance(mu, sigma, *reference) if reference is not None else None,
-                               scores.inception_score())
+                               scores.inception_score() if scores is not None else None)
     storage.write_bytes("fid.json", result.to_bytes())
     try:
         log_results(client, model, result, storage)
@@ -183,15 +184,15 @@ def evaluate(args: argparse.Namespace) -> int:
 def read_reference(args: argparse.Namespace) -> tuple[tuple[np.ndarray, np.ndarray], str]:
     """--ref's (mu, sigma) and sha256; a warning if it was made with another resize or network than --features."""
     data = read_uri(args.ref)
-    reference = load_reference(data, args.ref)
+    reference = load_reference(data, args.ref, feature_dim(args.features))
     if (warning := provenance_warning(data, args.ref, args.features)) is not None:
         log.warning("%s: the Fréchet distance will not mean what it says", warning)
     return reference, hashlib.sha256(data).hexdigest()
 
 
 def check_small_n(args: argparse.Namespace, num: int, advice: str = "use --num 50000 (or >= 2048)") -> None:
-    if num < FEATURE_DIM and not args.allow_small_n:
-        raise SamplesError(f"N={num} is smaller than the feature dimension {FEATURE_DIM}: the covariance would be "
+    if num < (dim := feature_dim(args.features)) and not args.allow_small_n:
+        raise SamplesError(f"N={num} is smaller than the feature dimension {dim}: the covariance would be "
                            f"singular and the FID meaningless; {advice}")
 
 
@@ -205,7 +206,7 @@ def score_images(args: argparse.Namespace) -> int:
     if not args.ref:
         raise ArgumentError("--images needs --ref: the reference statistics .npz to score against")
     if args.features == "none":
-        raise ArgumentError("--images scores images: --features inception or random-init")
+        raise ArgumentError("--images scores images: --features inception, random-init or pixels")
     chunks = image_chunks(args.images)
     total = sum(chunk["count"] for chunk in chunks)
     check_small_n(args, total, "score at least 2048 images (published FIDs: 50,000)")
@@ -215,19 +216,20 @@ def score_images(args: argparse.Namespace) -> int:
                     gpu=args.gpu)
     features, scores, extractor = merge_statistics(rows, total, "images")
     verified = args.features == "inception" and extractor in accepted_weights()
-    prefix = "" if verified and total >= PUBLISHED_N else "spec_" if verified else "pseudo_"
-    inception_score = scores.inception_score()
-    result = {"images": total, f"{prefix}fid": frechet_distance(*features.mean_cov(), *reference),
-              f"{prefix}inception_score": inception_score[0], f"{prefix}inception_score_std": inception_score[1],
-              "features": args.features, "inception_weights_sha256": extractor, "reference": args.ref,
-              "reference_sha256": reference_sha}
+    prefix = score_prefix(args.features, paper_protocol=verified and total >= PUBLISHED_N)
+    result = {"images": total, fd_label(prefix): frechet_distance(*features.mean_cov(), *reference)}
+    if scores is not None:
+        inception_score = scores.inception_score()
+        result |= {f"{prefix}inception_score": inception_score[0], f"{prefix}inception_score_std": inception_score[1]}
+    result |= {"features": args.features, "inception_weights_sha256": extractor, "reference": args.ref,
+               "reference_sha256": reference_sha}
     print(json.dumps(result, indent=2))
     log.info("done: %s of %d images", {k: v for k, v in result.items() if k.endswith(("fid", "score"))}, total)
     return 0
 
 
 def sample(args: argparse.Namespace, spec: SampleSpec, storage: Storage,
-           tracking_uri: str) -> tuple[FeatureStats, ScoreStats, str | None]:
+           tracking_uri: str) -> tuple[FeatureStats | None, ScoreStats | None, str | None]:
     """The sample tars of `spec` (finished ones re-read) on a pool of actors, their merged statistics and the
     extractor that computed them (each actor resolves the Inception weights on its own node)."""
     from pipelines.ray_runtime import map_rows

@@ -43,6 +43,7 @@ from pipelines.evaluation import (
     add_sampler_arguments,
     check_result,
     run_options,
+    toy_label,
     verified_fid,
 )
 from pipelines.job_runner import command_line, run_job
@@ -204,9 +205,9 @@ class Scheduler:
         versions = {int(v.version): self.records.evals(v) for v in self.records.versions()}
         holder = self.records.champion()
         new = [number for number, outcome in report.outcomes.items() if outcome.status == SUCCEEDED]
-        scores, pseudo = self.verified_scores(versions), {n for n in new if "pseudo_fid" in versions.get(n, {})}
+        scores, toy = self.verified_scores(versions), {n: toy_label(versions.get(n, {})) for n in new}
         promotion = decisions.decide_promotion(authority, scores, holder, versions.get(holder, {}).get("status"), new,
-                                               pseudo, name=decisions.score_name(self.spec))
+                                               toy, name=decisions.score_name(self.spec))
         if promotion.warning:
             log.warning("%s (spec %s)", promotion.warning, self.spec.digest)
         if promotion.champion is not None:

@@ -28,12 +28,12 @@ from __future__ import annotations
 import logging
 import re
 import time
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol, TypeVar
 
 from ddpm_core.errors import UserError, first_line
-from pipelines.evaluation import EvalSpec, SamplerSetting, sampled_as_paper
+from pipelines.evaluation import TOY_SCORES, EvalSpec, SamplerSetting, sampled_as_paper
 
 log = logging.getLogger("ddpm.schedule")
 REGISTRY_ATTEMPTS, REGISTRY_BACKOFF = 5, 0.5  # seconds, doubled after each failed attempt
@@ -230,17 +230,18 @@ class Promotion:
 
 
 def decide_promotion(authority: Authority, scores: Mapping[int, float], holder: int | None,
-                     holder_status: str | None, new: Iterable[int], pseudo: Collection[int] = (), *,
+                     holder_status: str | None, new: Iterable[int], toy: Mapping[int, str | None] | None = None, *,
                      name: ScoreName) -> Promotion:
     """Whom `champion` goes to, and the decision of each version in `new` (those that succeeded this tick).
 
     `scores`: the verified scores of this spec, called `name` in the decisions and tags; `holder`: the version
     holding `champion`, `holder_status` its evaluation status under this spec (while it is submitted or failed,
-    nothing moves); `pseudo`: versions scored by a pseudo-FID, which never promotes. Without `authority.moves`
-    every decision is "recorded only", and a new score that would have been champion gets a warning.
+    nothing moves); `toy`: the label of the toy metric (TOY_SCORES) a new version was scored by, which never
+    promotes. Without `authority.moves` every decision is "recorded only", and a new score that would have been
+    champion gets a warning.
     """
     new = sorted(new)
-    owner = _owner_promotion(scores, holder, holder_status, new, pseudo, name)
+    owner = _owner_promotion(scores, holder, holder_status, new, toy or {}, name)
     if authority.moves:
         return owner
     decisions, warning = {}, ""
@@ -255,7 +256,7 @@ def decide_promotion(authority: Authority, scores: Mapping[int, float], holder: 
 
 
 def _owner_promotion(scores: Mapping[int, float], holder: int | None, holder_status: str | None, new: list[int],
-                     pseudo: Collection[int], name: ScoreName) -> Promotion:
+                     toy: Mapping[int, str | None], name: ScoreName) -> Promotion:
     """The promotion as the owning scheduler decides it."""
     held = scores.get(holder) if holder is not None else None
     best = min(scores, key=lambda n: (scores[n], n), default=None)
@@ -272,16 +273,16 @@ def _owner_promotion(scores: Mapping[int, float], holder: int | None, holder_sta
         champion, holder, held = best, best, scores[best]
     for number in new:
         if number != champion:
-            decisions[number] = _standing(number, scores, holder, held, pending, number in pseudo, name)
+            decisions[number] = _standing(number, scores, holder, held, pending, toy.get(number), name)
     return Promotion(champion, decisions)
 
 
 def _standing(number: int, scores: Mapping[int, float], holder: int | None, held: float | None, pending: bool,
-              pseudo: bool, name: ScoreName) -> Decision:
+              toy: str | None, name: ScoreName) -> Decision:
     """The decision of a new score that did not promote."""
     score = scores.get(number)
     if score is None:
-        text = ("not promoted: pseudo-FID only (a toy metric, which never promotes)" if pseudo else
+        text = (f"not promoted: {TOY_SCORES[toy]} only (a toy metric, which never promotes)" if toy else
                 f"not promoted: no {name} (it needs the verified Inception weights)")
     elif pending:
         text, held = f"deferred: champion v{holder} is still being evaluated under this spec", None

@@ -9,7 +9,6 @@ e.g. `train/pseudo_fid_dpmpp_2m10_n256`: MLflow then shows a quality-vs-step cur
 
 from __future__ import annotations
 
-import io
 import logging
 import time
 
@@ -19,11 +18,12 @@ import torch
 from ddpm_core.diffusion import GaussianDiffusion
 from ddpm_core.errors import UserError
 from ddpm_core.fid import frechet_distance, image_statistics, load_reference
-from ddpm_core.inception import feature_network
+from ddpm_core.inception import feature_dim, feature_network
 from ddpm_core.pixels import to_uint8
+from ddpm_core.reference_provenance import REFERENCE_NAMES, recorded_features
 from ddpm_core.sampling import sample_images
 from ddpm_core.storage import open_storage, read_uri
-from pipelines.evaluation import SamplerSetting
+from pipelines.evaluation import SamplerSetting, fd_label, score_prefix
 
 log = logging.getLogger("ddpm.train")
 # Cheap on purpose: 10 solver steps, and train.fid_num images (256 by default). A small N biases a Fréchet
@@ -31,7 +31,6 @@ log = logging.getLogger("ddpm.train")
 # the steps of one run, never for setting beside an evaluation's score.
 TRAINING_SAMPLER = SamplerSetting("dpmpp_2m", 10, "trailing")
 SAMPLE_BATCH = 64
-REFERENCE_NAMES = ("fid_stats.npz", "fid_stats_pseudo.npz")  # what `ddpm fid-ref --data` writes, in that order
 
 
 class QualityReferenceError(UserError):
@@ -43,25 +42,17 @@ def find_reference(data_uri: str, flag: str | None) -> str:
     if flag:
         return flag
     storage = open_storage(data_uri)
-    for name in REFERENCE_NAMES:
+    for name in REFERENCE_NAMES.values():
         if storage.exists(name):
             return storage.url(name)
     raise QualityReferenceError(f"train.fid_every needs reference statistics: {data_uri} has none of "
-                                f"{', '.join(REFERENCE_NAMES)}; run `ddpm fid-ref --data {data_uri}` first, or give "
-                                "--fid-ref")
-
-
-def reference_features(data: bytes) -> str:
-    """The feature mode a reference .npz was made with: `random-init` if its provenance says so, else `inception`
-    (our files record the extractor; pytorch-fid, clean-fid and ADM files are the FID network's)."""
-    with np.load(io.BytesIO(data), allow_pickle=False) as npz:
-        extractor = str(npz["extractor_sha256"]) if "extractor_sha256" in npz.files else ""
-    return "random-init" if extractor.startswith("random-init") else "inception"
+                                f"{', '.join(REFERENCE_NAMES.values())}; run `ddpm fid-ref --data {data_uri}` first, "
+                                "or give --fid-ref")
 
 
 def metric_name(features: str, num: int) -> str:
     """e.g. `train/pseudo_fid_dpmpp_2m10_n256`: the score's kind, sampler, steps and N."""
-    label = "pseudo_fid" if features != "inception" else "spec_fid"
+    label = fd_label(score_prefix(features, paper_protocol=False))
     return f"train/{label}_{TRAINING_SAMPLER.sampler}{TRAINING_SAMPLER.steps}_n{num}"
 
 
@@ -70,8 +61,8 @@ class QualityProbe:
 
     def __init__(self, reference_uri: str, config, device: torch.device, weights: str | None = None):
         data = read_uri(reference_uri)
-        self.reference = load_reference(data, reference_uri)
-        self.features = reference_features(data)
+        self.features = recorded_features(data)
+        self.reference = load_reference(data, reference_uri, feature_dim(self.features))
         self.num = config.train.fid_num
         self.name = metric_name(self.features, self.num)
         network, _ = feature_network(self.features, weights)

@@ -51,3 +51,14 @@ def test_a_record_written_before_spec_scores_reads_as_what_it_is():
     assert verified_fid(found) == 9.0  # ranked among its spec's records
     assert verified_fid(replace(found, inception_weights_sha256="ab" * 32)) is None
     assert verified_fid(result(features="random-init", weights="random-init(seed=0)")) is None
+
+
+def test_pixel_features_give_a_pixel_fd_with_no_inception_score_and_never_a_verified_fid():
+    spec = SampleSpec("models:/m/1", "ddpm", 1000, 0.0, 0, 50000, 1000, 256, False, "trailing", True)
+    found = EvaluationResult.of_samples(spec, "pixels", "ee" * 32, "pixels(8x8)", "ref.npz", "cd" * 32).scored(
+        0.25, None)
+    record = found.to_json()
+    assert found.label == "pixel_fd" and record["pixel_fd"] == 0.25 and found.metrics() == {"pixel_fd": 0.25}
+    assert not {"fid", "spec_fid", "pseudo_fid"} & record.keys() and not any("inception_score" in k for k in record)
+    assert verified_fid(found) is None and EvaluationResult.from_json(record) == found
+    assert score_tag(record, found.label) == "pixel_fd/ddpm-1000-trailing/n50000/seed0/fp32"

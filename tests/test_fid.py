@@ -10,13 +10,25 @@ import pytest
 import scipy.linalg
 import torch
 
-from ddpm_core.fid import FeatureStats, ScoreStats, StatsError, frechet_distance, load_reference, save_reference
+from ddpm_core.fid import (
+    FeatureStats,
+    ScoreStats,
+    StatsError,
+    frechet_distance,
+    image_statistics,
+    load_reference,
+    merge_statistics,
+    save_reference,
+    statistics_row,
+)
 from ddpm_core.inception import (
     DOWNLOAD_ENV,
     TRUSTED_ENV,
     URL_ENV,
     FIDInception,
     InceptionWeightsError,
+    feature_dim,
+    feature_network,
     find_weights,
 )
 
@@ -109,6 +121,22 @@ def test_inception_network_has_the_fid_networks_layers_and_parameter_count(monke
     assert {k: v.shape for k, v in ours.state_dict().items()} == {k: v.shape for k, v in theirs.state_dict().items()}
     pool, logits = ours(torch.randint(0, 256, (2, 3, 64, 48), dtype=torch.uint8))
     assert pool.shape == (2, 2048) and logits.shape == (2, 1008)
+
+
+def test_pixel_features_are_area_means_on_an_8x8_grid_and_their_statistics_have_no_inception_score():
+    images = np.random.default_rng(0).integers(0, 256, (5, 32, 16, 3), dtype=np.uint8)
+    network, extractor = feature_network("pixels")
+    assert extractor == "pixels(8x8)" and feature_dim("pixels") == network.dim == 192
+    features, scores = image_statistics(network, images, np.arange(5), batch_size=2)
+    # Each feature: the mean of a 4x2 block of one channel, in [0, 1], channels first (C, 8, 8).
+    expected = images.reshape(5, 8, 4, 8, 2, 3).mean(axis=(2, 4)).transpose(0, 3, 1, 2).reshape(5, 192) / 255
+    assert scores is None and features.n == 5
+    np.testing.assert_allclose(features.total, expected.sum(axis=0), rtol=1e-5)
+    np.testing.assert_allclose(features.outer, expected.T @ expected, rtol=1e-5)
+    row = {key: batch[0] for key, batch in statistics_row(features, scores, extractor).items()}  # a Ray Data row
+    assert set(row) == {"n", "total", "outer", "extractor"}
+    merged, no_scores, found = merge_statistics([row, row], 10, "images")
+    assert (merged.n, no_scores, found) == (10, None, "pixels(8x8)")
 
 
 def test_random_init_is_deterministic_and_leaves_the_global_rng_alone():

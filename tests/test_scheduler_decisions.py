@@ -179,14 +179,17 @@ def test_nothing_moves_while_the_champion_is_still_being_evaluated():
     assert decide_promotion(OWNS, {2: 3.0, 6: 1.0}, 2, SUCCEEDED, new=[6], name=FID).champion == 6
 
 
-def test_a_pseudo_fid_never_promotes():
-    promotion = decide_promotion(OWNS, {}, None, None, new=[7, 8], pseudo={7}, name=FID)
+def test_a_pseudo_fid_or_a_pixel_fd_never_promotes():
+    promotion = decide_promotion(OWNS, {}, None, None, new=[7, 8, 9], toy={7: "pseudo_fid", 8: None, 9: "pixel_fd"},
+                                 name=FID)
     pseudo = "not promoted: pseudo-FID only (a toy metric, which never promotes)"
+    pixel = "not promoted: pixel FD only (a toy metric, which never promotes)"
     none = "not promoted: no fid (it needs the verified Inception weights)"
     assert promotion == Promotion(None, {
         7: Decision(pseudo, {"fid": "", "champion": "", "champion_fid": "", "decision": pseudo}),
-        8: Decision(none, {"fid": "", "champion": "", "champion_fid": "", "decision": none})})
-    with_champion = decide_promotion(OWNS, {2: 12.5}, 2, SUCCEEDED, new=[7], pseudo={7}, name=FID)
+        8: Decision(none, {"fid": "", "champion": "", "champion_fid": "", "decision": none}),
+        9: Decision(pixel, {"fid": "", "champion": "", "champion_fid": "", "decision": pixel})})
+    with_champion = decide_promotion(OWNS, {2: 12.5}, 2, SUCCEEDED, new=[7], toy={7: "pseudo_fid"}, name=FID)
     assert with_champion.champion is None and with_champion.decisions[7].tags == {
         "fid": "", "champion": 2, "champion_fid": 12.5, "decision": pseudo}
 
@@ -211,8 +214,8 @@ def test_only_a_scheduler_told_to_own_champion_moves_it():
 def test_a_scheduler_that_does_not_own_champion_records_only_and_warns_of_a_better_score():
     recorder = champion_authority(DIGEST, OTHER, owns=False, take_over=False)
     note = recorder.note
-    promotion = decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[3, 4, 5], pseudo={5},
-                                 name=FID)
+    promotion = decide_promotion(recorder, {2: 12.5, 3: 9.0, 4: 20.0}, 2, SUCCEEDED, new=[3, 4, 5],
+                                 toy={5: "pseudo_fid"}, name=FID)
     better, plain = f"recorded only (fid 9.0000 < champion v2's 12.5000): {note}", f"recorded only: {note}"
     assert promotion == Promotion(None, {3: Decision(better, {"fid": 9.0, "decision": better}),
                                          4: Decision(plain, {"fid": 20.0, "decision": plain}),

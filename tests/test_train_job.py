@@ -290,7 +290,9 @@ def test_resume_refuses_another_dataset_or_config_and_force_new_starts_over(tmp_
     assert RUN_NAME_TAG not in old.data.tags and old.data.tags[REPLACED_BY_TAG] == new.info.run_id
     assert [m.step for m in client.get_metric_history(old.info.run_id, "loss")] == [4, 8, 12, 16]
     assert [m.step for m in client.get_metric_history(new.info.run_id, "loss")] == [4, 8]
-    assert [t["step"] for t in read_trace(tmp_path, ranks=(0,))[0]] == list(range(16)) + list(range(8))
+    trace = read_trace(tmp_path, ranks=(0,))[0]
+    assert [t["step"] for t in trace] == list(range(16)) + list(range(8))
+    assert trace[16]["weights"] == trace[0]["weights"]  # the same seed, the same initial weights (train.seed)
     folder = new.data.tags[CHECKPOINT_DIR_TAG]
     assert folder.startswith("tiny-run-") and new.data.tags["checkpoint_location"] == str(tmp_path / "runs" / folder)
     assert [c.name for c in (tmp_path / "runs" / folder).glob("checkpoint_0*")] == ["checkpoint_000000008"]
@@ -374,9 +376,11 @@ def test_ray_job_submit_trains_the_tiny_preset_end_to_end(tmp_path, dataset, ray
 
 def test_the_training_fid_scores_against_the_datasets_own_statistics_named_by_their_network(tmp_path):
     from ddpm_core.fid import save_reference
-    from pipelines.training_quality import QualityReferenceError, find_reference, metric_name, reference_features
+    from ddpm_core.reference_provenance import recorded_features as reference_features
+    from pipelines.training_quality import QualityReferenceError, find_reference, metric_name
 
-    with pytest.raises(QualityReferenceError, match=f"{tmp_path} has none of fid_stats.npz, fid_stats_pseudo.npz"):
+    with pytest.raises(QualityReferenceError, match=f"{tmp_path} has none of fid_stats.npz, fid_stats_pseudo.npz, "
+                                                    "fid_stats_pixels.npz"):
         find_reference(str(tmp_path), None)
     mu, sigma = np.zeros(2), np.eye(2)  # a real file holds 2048 features; these functions read only provenance
     (tmp_path / "fid_stats_pseudo.npz").write_bytes(save_reference(mu, sigma, extractor_sha256="random-init(seed=0)"))
@@ -388,3 +392,5 @@ def test_the_training_fid_scores_against_the_datasets_own_statistics_named_by_th
     assert reference_features(save_reference(mu, sigma)) == "inception"  # pytorch-fid, clean-fid, ADM files
     assert metric_name("random-init", 256) == "train/pseudo_fid_dpmpp_2m10_n256"
     assert metric_name("inception", 64) == "train/spec_fid_dpmpp_2m10_n64"
+    assert metric_name("pixels", 32) == "train/pixel_fd_dpmpp_2m10_n32"
+    assert reference_features(save_reference(mu, sigma, extractor_sha256="pixels(8x8)")) == "pixels"
