@@ -20,7 +20,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
-from ddpm_core.fid import save_reference
+from ddpm_core.fid import frechet_distance, save_reference
 from ddpm_core.presets import get_preset
 from ddpm_core.reference_provenance import RESIZE
 from pipelines.cli import main as ddpm
@@ -371,6 +371,19 @@ def test_fid_of_images_on_disk_equals_the_sampling_jobs_score(tmp_path, register
         assert scored["reference_sha256"] == job["reference_sha256"] and "fid" not in scored
         for key in ("pseudo_fid", "pseudo_inception_score", "pseudo_inception_score_std"):
             assert scored[key] == pytest.approx(job[key], rel=1e-6, abs=1e-9), (images, key)
+    # Pixel features: the Fréchet distance of the images' 8x8 area means, as numpy computes it from the PNGs.
+    pixel_ref = tmp_path / "pixels.npz"
+    pixel_ref.write_bytes(save_reference(np.full(192, 0.5), 0.01 * np.eye(192), features="pixels", resize="area_8x8"))
+    assert ddpm(["fid", "--images", str(folder), "--ref", str(pixel_ref), "--features", "pixels", "--allow-small-n",
+                 "--actors", "0"]) == 0
+    scored = json.loads(capsys.readouterr().out)
+    images = np.stack([np.asarray(Image.open(io.BytesIO(png)).convert("RGB")) for png in tar_pngs(out).values()])
+    n, side = len(images), images.shape[1]
+    x = images.reshape(n, 8, side // 8, 8, side // 8, 3).mean(axis=(2, 4)).transpose(0, 3, 1, 2).reshape(n, 192) / 255
+    expected = frechet_distance(x.mean(axis=0), np.cov(x, rowvar=False), np.full(192, 0.5), 0.01 * np.eye(192))
+    assert scored["pixel_fd"] == pytest.approx(expected, rel=1e-6)
+    assert scored["inception_weights_sha256"] == "pixels(8x8)"
+    assert not [key for key in scored if "fid" in key or "inception_score" in key]
 
 
 def test_sampling_shows_a_bar_on_a_terminal_and_log_lines_elsewhere(tmp_path, registered, caplog):
