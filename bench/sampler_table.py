@@ -83,7 +83,8 @@ def main() -> None:
     parser.add_argument("--spacing", choices=SPACINGS, default="trailing")
     parser.add_argument("--batch", type=int, default=256, help="images per forward pass when sampling")
     parser.add_argument("--features", choices=("pixels", "random-init", "inception"), default="pixels",
-                        help="pixels: the Fréchet distance of the pixels in [0, 1] (a toy metric, 'pixel FD'); "
+                        help="pixels: the Fréchet distance of 8x8 area means in [0, 1], at 8² the pixels themselves "
+                             "(ddpm_core/pixel_features.py; a toy metric, 'pixel FD'); "
                              "random-init: of the seeded random-init Inception (pseudo-FID; slow on CPU); "
                              "inception: the FID network (--inception-weights or its usual places)")
     parser.add_argument("--inception-weights", default=None, help="the FID Inception weights file")
@@ -106,12 +107,10 @@ def main() -> None:
         model = train(config, data, args.train_steps, args.train_batch, args.ema_decay)
         reference_images, origin = to_uint8(data), f"tiny, {args.train_steps} steps on the digits"
     diffusion = GaussianDiffusion.from_config(config.diffusion)
-    inception = None if args.features == "pixels" else feature_network(args.features, args.inception_weights)[0]
+    network = feature_network(args.features, args.inception_weights)[0]
 
     def features(images: np.ndarray) -> FeatureStats:
-        if inception is None:
-            return FeatureStats.of(images.reshape(len(images), -1) / 255.0)
-        return image_statistics(inception, images, np.arange(len(images)))[0]
+        return image_statistics(network, images, np.arange(len(images)))[0]
 
     def sample(sampler: str, steps: int, eta: float = 0.0, bf16: bool = False, num: int = args.num
                ) -> tuple[np.ndarray, float]:
