@@ -6,7 +6,7 @@
     python bench/learnability.py --table rows-seed0.json rows-seed1.json
 
 The network is the `--preset`'s (default `tiny`: the paper's U-Net at 16×16, ch 32, 0.70M parameters,
-the paper's init; `--set model.FIELD=VALUE` changes it for every path). `--colours` trains it in two arms:
+PyTorch's default init, as its notes say why; `--set model.FIELD=VALUE` changes it for every path). `--colours` trains it in two arms:
 rgb (3 channels in and out, the preset's default) and grey (1 channel, as the demo preset's). The task:
 scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16 (bicubic)
 and written as RGB PNGs with R = G = B, then sharded by the project (`ShardJob` over a folder, the path of

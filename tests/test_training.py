@@ -92,8 +92,11 @@ def test_micro_batches_accumulate_to_the_same_gradient_as_the_whole_batch():
         diffusion.training_loss = fixed_loss
         result = train_step(model, diffusion, optimizer, ema, x0, 1, train)
         del diffusion.training_loss
-        grads.append((result, [p.detach().clone() for p in model.parameters()]))
-    (whole, params_whole), (micro, params_micro) = grads
+        grads.append((result, [p.grad.detach().clone() for p in model.parameters()]))  # kept until the next step
+    (whole, grads_whole), (micro, grads_micro) = grads
     assert micro.loss == pytest.approx(whole.loss, rel=1e-5)
     assert micro.grad_norm == pytest.approx(whole.grad_norm, rel=1e-4)
-    assert all(torch.allclose(a, b, atol=1e-6) for a, b in zip(params_whole, params_micro))
+    # The gradients, not the weights: Adam's first step (about lr·sign(g)) turns last-bit differences of
+    # near-zero gradient entries into lr-sized weight differences.
+    # Entries that are zero but for rounding (a bias before a GroupNorm) differ by ~1e-9 (the largest are ~6e-2).
+    assert all(torch.allclose(a, b, rtol=1e-4, atol=1e-7) for a, b in zip(grads_whole, grads_micro))
