@@ -6,11 +6,11 @@
     python bench/learnability.py --table rows-seed0.json rows-seed1.json
 
 The network is the `--preset`'s (default `tiny`: the paper's U-Net at 16×16, ch 32, 0.70M parameters,
-PyTorch's default init, as its notes say why; `--set model.FIELD=VALUE` changes it for every path). `--colours` trains it in two arms:
-rgb (3 channels in and out, the preset's default) and grey (1 channel, as the demo preset's). The task:
-scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten classes), upscaled to 16×16 (bicubic)
-and written as RGB PNGs with R = G = B, then sharded by the project (`ShardJob` over a folder, the path of
-`ddpm shard`); the grey arm reads the same shards as their luminance. Every path trains the same network
+PyTorch's default init, as its notes say why; `--set model.FIELD=VALUE` changes it for every path).
+`--colours` trains it in two arms: rgb (3 channels in and out, the preset's default) and grey (1 channel,
+as the demo preset's). The task: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten
+classes), upscaled to 16×16 (bicubic) and written as RGB PNGs with R = G = B, then sharded by the project
+(`ShardJob` over a folder, the path of `ddpm shard`); the grey arm reads the same shards as their luminance. Every path trains the same network
 size with the same batch, lr, warm-up, Adam, grad clip 1.0, EMA and no flips, for the same number of
 steps; the EMA is the preset's scheme in every path and arm (ddpm_core's `EMA`: `tiny` debiases it,
 `train.ema_debias`; `--set train.ema_debias=false` gives every path the paper's), so the paths differ in
