@@ -7,17 +7,17 @@
 
 The network is the `--preset`'s (default `tiny`: the paper's U-Net at 16×16, ch 32, 0.70M parameters,
 PyTorch's default init, as its notes say why; `--set model.FIELD=VALUE` changes it for every path).
-`--colours` trains it in two arms: rgb (3 channels in and out, the preset's default) and grey (1 channel,
-as the demo preset's). The task: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten
-classes), upscaled to 16×16 (bicubic) and written as RGB PNGs with R = G = B, then sharded by the project
-(`ShardJob` over a folder, the path of `ddpm shard`); the grey arm reads the same shards as their luminance. Every path trains the same network
-size with the same batch, lr, warm-up, Adam, grad clip 1.0, EMA and no flips, for the same number of
-steps; the EMA is the preset's scheme in every path and arm (ddpm_core's `EMA`: `tiny` debiases it,
-`train.ema_debias`; `--set train.ema_debias=false` gives every path the paper's), so the paths differ in
+`--colours` trains it in two arms: rgb (3 channels in and out, the preset's default) and grey (1 channel, as
+the demo preset's). The task: scikit-learn's 1,797 handwritten digits (8×8, 17 grey levels, ten classes),
+upscaled to 16×16 (bicubic) and written as RGB PNGs with R = G = B, then sharded by the project (`ShardJob`
+over a folder, the path of `ddpm shard`); the grey arm reads the same shards as their luminance. Every path
+trains the same network size with the same batch, lr, warm-up, Adam, grad clip 1.0, EMA and no flips, for the
+same number of steps; the EMA is the preset's scheme in every path and arm (ddpm_core's `EMA`: `tiny` debiases
+it, `train.ema_debias`; `--set train.ema_debias=false` gives every path the paper's), so the paths differ in
 their training loop, not in how they average it. At each step count of `--steps` the EMA model draws
-`--samples` images with the same DDIM-50 sampler (η `--eta`, the same seeds), once per `--sampling`:
-fp32, and/or "chain", as `ddpm sample` draws and stores them on this CPU (the network under bf16 autocast
-where the CPU has native bf16, the images rounded to uint8 PNG values).
+`--samples` images with the same DDIM-50 sampler (η `--eta`, the same seeds), once per `--sampling`: fp32,
+and/or "chain", as `ddpm sample` draws and stores them on this CPU (the network under bf16 autocast where the
+CPU has native bf16, the images rounded to uint8 PNG values).
 
 Paths (all in this one process, stepped round-robin so that other load on the machine hits each alike):
 - project: ddpm_core's `TrainingLoop`, as the training job's worker runs it on one rank, without Ray:
